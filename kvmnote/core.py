@@ -92,7 +92,7 @@ class _Source:
     def pread(self, pos: int, n: int) -> bytes:
         """Up to `n` bytes at `pos`; fewer only at the end of the data."""
         if self.kind is None:
-            return os.pread(self.file.fileno(), n, pos)
+            return os.pread(self.file.fileno(), n, pos) if pos < (self.size or 0) else b""
         out = bytearray()
         while n > 0:
             got = self._head_read(pos, n) if pos < HEAD_MAX else self._tail_read(pos, n)

@@ -86,7 +86,13 @@ def _records(desc: bytes, where: str) -> tuple[dict[str, Any], list[tuple[int, i
 
 def _decode(rtype: int, payload: bytes, what: str) -> Any:
     """Decode the payload of a known record type (prefix rule applied)."""
-    name, struct = S.RECORDS[rtype]
+    struct = S.RECORDS[rtype][1]
+    if rtype == S.KVM_CORE_REC_MEMSLOTS:  # an array: count = size / 40
+        esize = struct.sizeof()
+        if len(payload) % esize:
+            raise CorruptNoteError(f"{what}: {len(payload)} bytes is not a whole "
+                                   f"number of kvm_core_memslot ({esize})")
+        return [S.parse(struct, payload[i:i + esize]) for i in range(0, len(payload), esize)]
     if len(payload) < struct.sizeof():
         raise CorruptNoteError(f"{what}: payload is {len(payload)} bytes, shorter "
                                f"than its struct ({struct.sizeof()})")
@@ -103,12 +109,6 @@ def _decode(rtype: int, payload: bytes, what: str) -> Any:
                                    f"payload has {len(payload)}")
         return [S.parse(S.kvm_msr_entry, payload[8 + i * esize:])
                 for i in range(nmsrs)]
-    if rtype == S.KVM_CORE_REC_MEMSLOTS:
-        esize = struct.sizeof()
-        if len(payload) % esize:
-            raise CorruptNoteError(f"{what}: {len(payload)} bytes is not a whole "
-                                   f"number of kvm_core_memslot ({esize})")
-        return [S.parse(struct, payload[i:i + esize]) for i in range(0, len(payload), esize)]
     return S.parse(struct, payload)
 
 

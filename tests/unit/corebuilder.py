@@ -23,14 +23,14 @@ class Load:
 def record(rtype: int, values: dict[str, Any]) -> tuple[int, bytes]:
     """(type, payload) of a fixed-size record, `values` over a zeroed struct."""
     struct = S.RECORDS[rtype][1]
-    return rtype, struct.build(_merge(S.zeroed(struct), values))
+    return rtype, struct.build(merge(S.zeroed(struct), values))
 
 
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     """`base` with `over` merged in, recursively for nested dicts."""
     out = dict(base)
     for k, v in over.items():
-        out[k] = _merge(base[k], v) if isinstance(v, dict) else v
+        out[k] = merge(base[k], v) if isinstance(v, dict) else v
     return out
 
 
