@@ -28,8 +28,7 @@ def _read(args: argparse.Namespace) -> int:
                 raise KvmnoteError(f"{args.core}: no vCPU with vcpu_id {args.vcpu} "
                                    f"(have {sorted({v.vcpu_id for v in core.vcpus})})")
         if args.json:
-            json.dump(report.to_json(core, vcpus), sys.stdout, indent=1)
-            sys.stdout.write("\n")
+            sys.stdout.write(json.dumps(report.to_json(core, vcpus)) + "\n")
         else:
             sys.stdout.write(report.text(core, vcpus, args.all))
     return 0

@@ -256,8 +256,8 @@ def _elf(src: _Source) -> ELFFile:
                            f"(e_type {elf['e_type']})")
     if elf["e_machine"] != "EM_X86_64":
         raise NotCoreError(f"{src.path}: core of {elf['e_machine']}, not x86-64")
-    if phentsize != S.Elf64_Phdr.sizeof() and phnum:
-        raise NotCoreError(f"{src.path}: e_phentsize {phentsize}, expected {S.Elf64_Phdr.sizeof()}")
+    if phnum and phentsize != S.size(S.Elf64_Phdr):
+        raise NotCoreError(f"{src.path}: e_phentsize {phentsize}, expected 56")
     if src.size is not None and phend > src.size:
         raise TruncatedError(f"{src.path}: truncated: program headers end at {phend}, "
                              f"file has {src.size} bytes")
@@ -294,7 +294,7 @@ def _c_string(raw: bytes) -> str:
 
 def _nt_file(desc: bytes, where: str) -> list[tuple[int, int, int, str]]:
     """NT_FILE: (start, end, file_ofs, path) of each file-backed mapping."""
-    hsize, esize = S.nt_file_header.sizeof(), S.nt_file_entry.sizeof()
+    hsize, esize = S.size(S.nt_file_header), S.size(S.nt_file_entry)
     if len(desc) < hsize:
         raise CorruptNoteError(f"{where}: NT_FILE shorter than its header")
     hdr = S.parse(S.nt_file_header, desc)
@@ -312,8 +312,9 @@ def _nt_file(desc: bytes, where: str) -> list[tuple[int, int, int, str]]:
 def _standard_note(core: Core, ntype: int, desc: bytes, where: str) -> None:
     """Record the process info of a CORE note kvmnote uses."""
     def need(struct: Any) -> dict[str, Any]:
-        if len(desc) < struct.sizeof():
-            raise CorruptNoteError(f"{where}: {len(desc)} bytes, shorter than {struct.sizeof()}")
+        if len(desc) < S.size(struct):
+            raise CorruptNoteError(f"{where}: {len(desc)} bytes, shorter than "
+                                   f"{S.size(struct)}")
         return S.parse(struct, desc)
     if ntype == S.NT_PRSTATUS:
         st = need(S.elf_prstatus)

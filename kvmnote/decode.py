@@ -154,7 +154,8 @@ def lapic(regs: bytes, x2apic: bool) -> dict[str, Any]:
         return int.from_bytes(regs[off:off + 4], "little")
 
     def vectors(base: int) -> list[int]:
-        return [i * 32 + b for i in range(8) for b in range(32) if reg(base + i * 16) >> b & 1]
+        words = [reg(base + i * 16) for i in range(8)]
+        return [i * 32 + b for i, w in enumerate(words) if w for b in range(32) if w >> b & 1]
     return {"id": reg(0x20) if x2apic else reg(0x20) >> 24, "version": reg(0x30),
             "tpr": reg(0x80), "ldr": reg(0xD0), "svr": reg(0xF0), "esr": reg(0x280),
             "icr": reg(0x300) | reg(0x310) << 32, "lvt_timer": reg(0x320),

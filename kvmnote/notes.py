@@ -45,7 +45,7 @@ class Vcpu:
 
 def _records(desc: bytes, where: str) -> tuple[dict[str, Any], list[tuple[int, int, bytes]]]:
     """Check the header and framing; return the header and (type, offset, payload)s."""
-    hsize = S.kvm_core_header.sizeof()
+    hsize = S.size(S.kvm_core_header)
     if len(desc) < hsize:
         raise CorruptNoteError(f"{where}: descriptor is {len(desc)} bytes, "
                                f"shorter than kvm_core_header ({hsize})")
@@ -54,7 +54,7 @@ def _records(desc: bytes, where: str) -> tuple[dict[str, Any], list[tuple[int, i
         raise VersionError(f"{where}: note format version {hdr['major']}.{hdr['minor']} "
                            f"is newer than this kvmnote understands "
                            f"(major {S.KVM_CORE_VERSION_MAJOR}); upgrade kvmnote")
-    rhsize = S.kvm_core_record.sizeof()
+    rhsize = S.size(S.kvm_core_record)
     if hdr["header_size"] < hsize or hdr["record_header_size"] < rhsize:
         raise CorruptNoteError(f"{where}: header_size {hdr['header_size']} or "
                                f"record_header_size {hdr['record_header_size']} too small")
@@ -88,22 +88,22 @@ def _decode(rtype: int, payload: bytes, what: str) -> Any:
     """Decode the payload of a known record type (prefix rule applied)."""
     struct = S.RECORDS[rtype][1]
     if rtype == S.KVM_CORE_REC_MEMSLOTS:  # an array: count = size / 40
-        esize = struct.sizeof()
+        esize = S.size(struct)
         if len(payload) % esize:
             raise CorruptNoteError(f"{what}: {len(payload)} bytes is not a whole "
                                    f"number of kvm_core_memslot ({esize})")
         return [S.parse(struct, payload[i:i + esize]) for i in range(0, len(payload), esize)]
-    if len(payload) < struct.sizeof():
+    if len(payload) < S.size(struct):
         raise CorruptNoteError(f"{what}: payload is {len(payload)} bytes, shorter "
-                               f"than its struct ({struct.sizeof()})")
+                               f"than its struct ({S.size(struct)})")
     if rtype == S.KVM_CORE_REC_XSAVE:
         return bytes(payload)
     if rtype == S.KVM_CORE_REC_LAPIC:
         return bytes(payload[:S.KVM_APIC_REG_SIZE])
     if rtype == S.KVM_CORE_REC_MSRS:
         nmsrs = S.parse(S.kvm_msrs_header, payload)["nmsrs"]
-        esize = S.kvm_msr_entry.sizeof()
-        need = struct.sizeof() + nmsrs * esize
+        esize = S.size(S.kvm_msr_entry)
+        need = S.size(struct) + nmsrs * esize
         if len(payload) < need:
             raise CorruptNoteError(f"{what}: nmsrs {nmsrs} needs {need} bytes, "
                                    f"payload has {len(payload)}")

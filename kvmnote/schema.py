@@ -4,6 +4,7 @@ Structs carry the C names and field names; the same definitions parse notes,
 build them (tests make synthetic cores with them) and export `layout()`.
 """
 
+from functools import cache
 from typing import Any
 
 from construct import (Array, Bytes, Construct, Int8ul, Int16ul, Int32sl, Int32ul,
@@ -278,9 +279,21 @@ def plain(obj: Any) -> Any:
     return obj
 
 
+@cache
+def _compiled(struct: Construct) -> tuple[Construct, int]:
+    """The compiled (fast) parser of a fixed-size struct, and its size."""
+    return struct.compile(), struct.sizeof()
+
+
+def size(struct: Construct) -> int:
+    """sizeof(struct), cached."""
+    return _compiled(struct)[1]
+
+
 def parse(struct: Construct, data: bytes) -> dict[str, Any]:
     """Parse the prefix of `data` that `struct` covers, as plain dicts."""
-    return plain(struct.parse(data[:struct.sizeof()]))
+    fast, size = _compiled(struct)
+    return plain(fast.parse(data[:size]))
 
 
 def zeroed(struct: Construct) -> dict[str, Any]:
