@@ -213,3 +213,12 @@ def standard_core(path: str | os.PathLike[str], vendor: int = S.KVM_CORE_VENDOR_
     write_core(path, notes, loads)
     return {"vm": dict(vm, nr_memslots=2), "slots": slots, "vcpus": vcpus, "ram": ram,
             "uaddr": uaddr}
+
+
+def nt_file(page_size: int, entries: list[tuple[int, int, int, str]]) -> bytes:
+    """A CORE/NT_FILE note from (start, end, file_ofs in pages, path)."""
+    raw = S.nt_file_header.build({"count": len(entries), "page_size": page_size})
+    raw += b"".join(S.nt_file_entry.build({"start": s, "end": e, "file_ofs": o})
+                    for s, e, o, _ in entries)
+    raw += b"".join(p.encode() + b"\0" for *_, p in entries)
+    return S.build_note(b"CORE", S.NT_FILE, raw)

@@ -148,8 +148,9 @@ def _open_bytes(data: bytes) -> None:
 @FUZZ
 @given(st.binary(max_size=400))
 def test_fuzz_random_file(data: bytes) -> None:
-    _open_bytes(data)
-    _open_bytes(b"\x7fELF\x02\x01\x01" + data)
+    for prefix in (b"", b"\x7fELF\x02\x01\x01", b"\x28\xb5\x2f\xfd", b"\x04\x22\x4d\x18",
+                   b"\xfd7zXZ\x00"):
+        _open_bytes(prefix + data)
 
 
 @FUZZ

@@ -129,3 +129,35 @@ def test_compressed_same_as_plain(tmp_path: Path, ext: str) -> None:
         assert core.vms[0].memslots == want["slots"]
         assert core.read_guest_phys(0x30, 8) == want["ram"][0x30:0x38]
         assert core.read_guest_phys(0x100000000, 20) == b"\xaa" * 16 + bytes(4)
+
+
+def test_nt_file_and_threads(tmp_path: Path) -> None:
+    files = [(0x400000, 0x401000, 0, "/usr/bin/qemu"), (0x7F00000, 0x7F02000, 3, "/lib/libc")]
+    notes = cb.prstatus(77, signo=11, regs={"rip": 0x401234, "rsp": 0x7FFF0})
+    notes += cb.nt_file(4096, files)
+    notes += cb.kvm_note(S.NT_KVM_VM, S.build_desc(cb.vm_records({"vm_index": 0}, [])))
+    cb.write_core(tmp_path / "core", notes, [])
+    with kvmnote.open_core(tmp_path / "core") as core:
+        assert core.files == [(0x400000, 0x401000, 0, "/usr/bin/qemu"),
+                              (0x7F00000, 0x7F02000, 3 * 4096, "/lib/libc")]
+        assert core.threads[0].tid == 77 and core.threads[0].cursig == 11
+        assert core.threads[0].regs["rip"] == 0x401234
+        assert core.threads[0].regs["rsp"] == 0x7FFF0
+        assert core.signal is None and core.vcpus == []
+
+
+def test_compressed_reads_past_cached_head(tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    if not shutil.which("zstd"):
+        pytest.skip("zstd not installed")
+    monkeypatch.setattr("kvmnote.core.HEAD_MAX", 1 << 16)  # force the streaming path
+    pattern = bytes(range(256)) * 64
+    notes = cb.kvm_note(S.NT_KVM_VM, S.build_desc(cb.vm_records({"vm_index": 0}, [])))
+    cb.write_core(tmp_path / "core", notes, [cb.Load(0x10000, 0x40000, 0x40000,
+                                                     b"\x55" * 0x30000 + pattern)])
+    subprocess.run(["zstd", "-q", "--rm", str(tmp_path / "core")], check=True)
+    with kvmnote.open_core(tmp_path / "core.zst") as core:
+        assert core.read(0x10000 + 0x30000, len(pattern)) == pattern
+        # backwards past the head: decompression restarts from the beginning
+        assert core.read(0x10000 + 0x2FFF0, 32) == b"\x55" * 16 + pattern[:16]
+        assert core.read(0x10000, 4) == b"\x55" * 4  # the cached head
