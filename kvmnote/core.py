@@ -79,6 +79,7 @@ class _Source:
             self.file: BinaryIO = open(path, "rb")
             self.size = os.fstat(self.file.fileno()).st_size
             return
+        self._kind = kind
         self._head = bytearray()
         self._gen = _chunks(path, kind)
         self._tail_gen: Iterator[bytes] | None = None
@@ -114,7 +115,7 @@ class _Source:
     def _tail_read(self, pos: int, n: int) -> bytes:
         """Read past the head by decompressing forward (restarting to go back)."""
         if self._tail_gen is None or pos < self._tail_pos:
-            self._tail_gen, self._tail_pos, self._tail_buf = _chunks(self.path, self.kind or ""), 0, b""
+            self._tail_gen, self._tail_pos, self._tail_buf = _chunks(self.path, self._kind), 0, b""
         while self._tail_pos + len(self._tail_buf) <= pos:
             self._tail_pos += len(self._tail_buf)
             self._tail_buf = next(self._tail_gen, b"")
@@ -369,7 +370,10 @@ def _parse(src: _Source, require_kvm: bool) -> Core:
             note_where = f"{where}: note at offset {off}"
             if name == S.KVM_CORE_NOTE_NAME and ntype in (S.NT_KVM_VM, S.NT_KVM_VCPU):
                 obj = parse_desc(ntype, desc, note_where)
-                (core.vms if isinstance(obj, Vm) else core.vcpus).append(obj)
+                if isinstance(obj, Vm):
+                    core.vms.append(obj)
+                else:
+                    core.vcpus.append(obj)
             elif name == b"CORE":
                 _standard_note(core, ntype, desc, note_where)
     core.loads.sort(key=lambda ld: ld.vaddr)
