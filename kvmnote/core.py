@@ -4,6 +4,7 @@ import bisect
 import io
 import lzma
 import os
+import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
@@ -218,10 +219,13 @@ class Core:
 def _kind(path: str) -> str | None:
     """Compression of the file by magic (None = plain); raise if not ELF at all."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            kind = "a directory" if os.path.isdir(path) else "not a regular file"
+            raise KvmnoteError(f"{path}: {kind}, not a core file")
         with open(path, "rb") as f:
             magic = f.read(6)
-    except IsADirectoryError:
-        raise KvmnoteError(f"{path}: is a directory, not a core file") from None
+    except FileNotFoundError:
+        raise KvmnoteError(f"{path}: no such file") from None
     except OSError as e:
         raise KvmnoteError(f"{path}: cannot read: {e.strerror}") from None
     if magic.startswith(ELF_MAGIC):
@@ -332,8 +336,6 @@ def _standard_note(core: Core, ntype: int, desc: bytes, where: str) -> None:
 def open_core(path: str | os.PathLike[str], require_kvm: bool = True) -> Core:
     """Open a core file and parse its notes; raises KvmnoteError for bad input."""
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise KvmnoteError(f"{path}: no such file")
     src = _Source(path, _kind(path))
     try:
         return _parse(src, require_kvm)

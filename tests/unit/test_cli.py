@@ -93,6 +93,11 @@ def test_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "directory" in fails(capsys, tmp_path)
 
 
+def test_fifo(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    os.mkfifo(tmp_path / "fifo")
+    assert "not a regular file" in fails(capsys, tmp_path / "fifo")
+
+
 def test_not_elf(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "f").write_bytes(b"hello world, not a core" * 10)
     assert "not an ELF file" in fails(capsys, tmp_path / "f")
