@@ -47,6 +47,7 @@ log() { echo "build.sh: $*" >&2; }
 
 [ -r "$tarball" ] || die "$tarball missing: apt-get install linux-source-6.12"
 series=()
+shopt -s nullglob
 for p in "$here"/0*.patch; do
 	case "$p" in *0000-cover-letter.patch) continue ;; esac
 	series+=("$p")
@@ -106,10 +107,10 @@ make_config() {
 	# Every requested option must have survived olddefconfig.
 	cat "${frag[@]}" | grep -E '^CONFIG_' | while IFS= read -r line; do
 		case "$line" in
-		*=n) grep -q "^${line%=n}=" "$out/.config" && die "$name: ${line%=n} still set" ;;
-		*) grep -qx "$line" "$out/.config" || die "$name: $line did not stick" ;;
+		*=n) if grep -q "^${line%=n}=[ym]" "$out/.config"; then die "$name: ${line%=n} still set"; fi ;;
+		*) if ! grep -qx "$line" "$out/.config"; then die "$name: $line did not stick"; fi ;;
 		esac
-	done
+	done || exit 1
 }
 
 # build BUILDDIR: bzImage (+ modules when configured).
@@ -136,7 +137,8 @@ if [ "$print_only" = 1 ]; then
 	exit 0
 fi
 
-exec 9>"$cache/.build.lock" 2>/dev/null || { mkdir -p "$cache"; exec 9>"$cache/.build.lock"; }
+mkdir -p "$cache"
+exec 9>"$cache/.build.lock"
 flock 9
 prepare_tree
 

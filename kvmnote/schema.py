@@ -12,8 +12,8 @@ from construct import (Array, Bytes, Construct, Int8ul, Int16ul, Int32sl, Int32u
 
 # ELF note owner name and note types.
 KVM_CORE_NOTE_NAME = b"KVM"
-NT_KVM_VCPU = 1
-NT_KVM_VM = 2
+NT_KVM_VCPU = 0x4B564D43  # "KVMC"
+NT_KVM_VM = 0x4B564D56  # "KVMV"
 
 KVM_CORE_VERSION_MAJOR = 1
 KVM_CORE_VERSION_MINOR = 0
