@@ -12,7 +12,7 @@ cache=${KVMNOTE_CACHE:-$HOME/.cache/kvmnote}/bpf-rootfs
 mirror=${KVMNOTE_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 suite=bookworm
 # essential (dpkg, coreutils, tar...) + these; no apt, no systemd.
-packages=python3-bpfcc,xz-utils,gzip,busybox,kmod,procps
+packages=python3-bpfcc,xz-utils,gzip,busybox,kmod,procps,mount
 
 key=$(cat "$0" | sha256sum | cut -c1-16)
 img=$cache/rootfs-$key.ext4

@@ -119,7 +119,7 @@ def run(tmp_path_factory):
            "-smp", "2,sockets=2,cores=1,threads=1", "-m", "1024",
            "-nographic", "-no-reboot", "-kernel", kernel,
            "-append", "console=ttyS0 root=/dev/vda rw rootfstype=ext4 "
-                      "init=/sbin/kvmnote-init panic=-1",
+                      "init=/sbin/kvmnote-init panic=-1 tsc_early_khz=2000000",
            "-drive", f"file={rootfs},if=virtio,format=raw,snapshot=on",
            "-drive", f"file={d / 'in.tar'},if=virtio,format=raw,readonly=on",
            "-drive", f"file={d / 'out.img'},if=virtio,format=raw"]
