@@ -64,6 +64,7 @@ struct last_exit_t {
     u32 error_code;
     u32 tid;
     u32 pad;
+    char comm[16];      // TASK_COMM_LEN
 };
 
 struct rkey_t {
@@ -109,6 +110,7 @@ TRACEPOINT_PROBE(kvm, kvm_exit)
     e.intr_info = args->intr_info;
     e.error_code = args->error_code;
     e.tid = (u32)id;
+    bpf_get_current_comm(&e.comm, sizeof(e.comm));
     last_exit.update(&key, &e);
 
     struct rkey_t rkey = {.tgid = tgid, .vcpu_id = args->vcpu_id,
@@ -247,6 +249,8 @@ def vcpu_entry(tgid, vcpu_id):
 
 for k, e in b["last_exit"].items():
     v = vcpu_entry(k.tgid, k.vcpu_id)
+    # the vCPU thread's name, in case the process is gone by now
+    comms.setdefault(k.tgid, e.comm.decode("utf-8", "replace"))
     v["last_exit"] = {
         "isa": ISA.get(e.isa, "unknown"), "exit_reason": e.exit_reason,
         "reason_name": reason_name(e.isa, e.exit_reason),
@@ -273,7 +277,7 @@ record = {"schema": "kvmcoredump/1", "duration": round(time.time() - start, 3),
           "processes": []}
 for tgid in sorted(procs):
     p = procs[tgid]
-    p["comm"] = comms.get(tgid) or comm_of(tgid)
+    p["comm"] = comm_of(tgid) or comms.get(tgid)
     p["dumped"] = tgid in dumped
     p["vcpus"] = [p["vcpus"][i] for i in sorted(p["vcpus"])]
     for v in p["vcpus"]:

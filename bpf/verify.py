@@ -11,7 +11,9 @@ TRACE.json is kvmcoredump.py's record (-j); CORE is read with
     no registers);
   - the note's status bits and error equal the tracepoint's;
   - the note's last VM exit (SVM exit_code / VMX basic exit reason) equals
-    the last kvm:kvm_exit the tracer saw for that vCPU.
+    the last kvm:kvm_exit the tracer saw for that vCPU; for a vCPU the note
+    calls never_ran, that the tracer saw no kvm_exit at all;
+  - the core was written by the traced process (unless --pid is given).
 Prints one line per vCPU and one per mismatch; exits 0 when all agree, 1 on
 any mismatch, 2 when an input cannot be read. Needs no bcc.
 """
@@ -104,11 +106,18 @@ def compare(notes, proc):
         if nerr != cd["error"]:
             bad.append("vcpu %d: error: note %s, tracepoint %s" % (i, nv.get("error"), cd["error"]))
         ne, te = note_exit_reason(nv), traced_exit_reason(tv)
-        if ne != te:
+        if "never_ran" in nv["status"]:
+            # The note's exit record is then a VMCB/VMCS never exited from:
+            # the check is that the tracer saw no exit either.
+            if tv.get("exits", 0):
+                bad.append("vcpu %d: the note says never ran, but %d kvm_exits traced"
+                           % (i, tv["exits"]))
+            ne = None
+        elif ne != te:
             bad.append("vcpu %d: last exit: note %s, last kvm_exit traced %s" % (
                 i, "%s 0x%x" % ne if ne else "none", "%s 0x%x" % te if te else "none"))
         lines.append("vcpu %-3d rip 0x%-16x status 0x%-3x last exit %-10s exits traced %d" % (
-            i, note_rip, nbits, "%s 0x%x" % ne if ne else "none", tv.get("exits", 0)))
+            i, note_rip, nbits, "%s 0x%x" % ne if ne else "-", tv.get("exits", 0)))
     for i in sorted(set(traced) - set(ids)):
         if traced[i].get("coredump"):
             bad.append("vcpu %d: kvm_coredump_vcpu traced, but not in the core" % i)
@@ -138,6 +147,10 @@ def main(argv=None):
         pid = notes["core"]["pid"]
     proc = pick_process(trace, pid)
     lines, bad = compare(notes, proc)
+    core_pid = notes["core"].get("pid")
+    if a.pid is None and core_pid is not None and core_pid != proc["pid"]:
+        bad.insert(0, "core: written by pid %d, which was not traced (trace has pid %d)"
+                   % (core_pid, proc["pid"]))
     print("core %s (pid %s) vs trace of pid %d: %d vCPUs in the core" % (
         a.core, notes["core"].get("pid"), proc["pid"], len(notes["vcpus"])))
     for line in lines:

@@ -32,9 +32,9 @@ from bpf_prereq import need  # noqa: E402
 REPO = Path(__file__).resolve().parents[2]
 CACHE = Path(os.environ.get("KVMNOTE_CACHE", Path.home() / ".cache" / "kvmnote"))
 QEMU = shutil.which("qemu-system-x86_64")
-NHALT, NSPIN = 2, 1
+NHALT, NSPIN, NIDLE = 2, 1, 1
 SVM_EXIT_HLT = 0x78          # AMD APM vol. 2, appendix C
-STATUS_VALID = 1
+STATUS_VALID, STATUS_NEVER_RAN = 1, 1 << 4   # docs/note-format.md
 
 # In the guest: the VMM under test is started first but waits (its shell
 # execs it on a signal file, keeping the PID), so the tracer can be given its
@@ -46,7 +46,7 @@ echo /mnt/out/core.%p > /proc/sys/kernel/core_pattern
 ulimit -c unlimited
 up() {{ cut -d' ' -f1 /proc/uptime; }}
 sh -c 'while [ ! -e /tmp/go ]; do sleep 0.1; done; \\
-    exec /mnt/in/vmm --report /mnt/out/vmm.json --mode long --halt {NHALT} --spin {NSPIN}' &
+    exec /mnt/in/vmm --report /mnt/out/vmm.json --mode long --halt {NHALT} --spin {NSPIN} --idle {NIDLE}' &
 vmm=$!
 echo "tracer start $(up)"
 python3 /mnt/in/kvmcoredump.py -p $vmm --exit-on-dump -d 300 -j /mnt/out/trace.json \\
@@ -200,7 +200,7 @@ def test_one_coredump_event_per_vcpu_in_core(run):
     proc = traced_vmm(run)
     note_ids = sorted(v["vcpu_id"] for v in run["notes"]["vcpus"])
     vmm_ids = sorted(v["vcpu_id"] for v in run["vmm"]["vcpus"])
-    assert note_ids == vmm_ids == list(range(NHALT + NSPIN))
+    assert note_ids == vmm_ids == list(range(NHALT + NSPIN + NIDLE))
     dumped = {v["vcpu_id"]: v["coredump"] for v in proc["vcpus"] if v["coredump"]}
     assert sorted(dumped) == note_ids
     assert all(cd["events"] == 1 for cd in dumped.values()), dumped
@@ -212,11 +212,17 @@ def test_rip_and_status_equal_notes(run):
     vmm = {v["vcpu_id"]: v for v in run["vmm"]["vcpus"]}
     for nv in run["notes"]["vcpus"]:
         cd = traced[nv["vcpu_id"]]["coredump"]
-        assert nv["status"] == ["valid"] and cd["status"] == STATUS_VALID, (nv["status"], cd)
+        kind = vmm[nv["vcpu_id"]]["kind"]
+        if kind == "never_ran":
+            assert nv["status"] == ["valid", "never_ran"], nv["status"]
+            assert cd["status"] == STATUS_VALID | STATUS_NEVER_RAN, cd
+        else:
+            assert nv["status"] == ["valid"] and cd["status"] == STATUS_VALID, (nv["status"], cd)
         assert cd["error"] == 0 and nv["error"] is None
         assert cd["rip"] == nv["regs"]["rip"], (nv["vcpu_id"], hex(cd["rip"]))
-        if vmm[nv["vcpu_id"]]["kind"] == "halted":
-            # The VMM's own KVM_GET_REGS after KVM_EXIT_HLT: a third source.
+        if kind in ("halted", "never_ran"):
+            # The VMM's own KVM_GET_REGS (after KVM_EXIT_HLT, or before any
+            # KVM_RUN): a third source.
             assert cd["rip"] == vmm[nv["vcpu_id"]]["ioctl"]["regs"]["rip"]
 
 
@@ -225,10 +231,13 @@ def test_last_exit_equals_note_exit_code(run):
     traced = {v["vcpu_id"]: v for v in proc["vcpus"]}
     vmm = {v["vcpu_id"]: v for v in run["vmm"]["vcpus"]}
     for nv in run["notes"]["vcpus"]:
-        le = traced[nv["vcpu_id"]]["last_exit"]
+        tv = traced[nv["vcpu_id"]]
+        if vmm[nv["vcpu_id"]]["kind"] == "never_ran":
+            assert tv["last_exit"] is None and tv["exits"] == 0, tv
+            continue
+        le = tv["last_exit"]
         assert le and le["isa"] == "svm" and nv["exit"]["type"] == "svm"
         assert le["exit_reason"] == nv["exit"]["exit_code"], (nv["vcpu_id"], le, nv["exit"])
-        assert traced[nv["vcpu_id"]]["exits"] >= 1
         if vmm[nv["vcpu_id"]]["kind"] == "halted":
             assert le["exit_reason"] == SVM_EXIT_HLT
 
@@ -246,7 +255,8 @@ def test_verifier_rejects_another_vmms_core(run):
     assert "MISMATCH" in p.stdout
 
 
-@pytest.mark.parametrize("alter", ["rip", "status", "last_exit", "missing_vcpu", "extra_event"])
+@pytest.mark.parametrize("alter", ["rip", "status", "last_exit", "missing_vcpu", "extra_event",
+                                   "exit_on_never_ran"])
 def test_verifier_rejects_altered_trace(run, alter, tmp_path):
     trace = copy.deepcopy(run["trace"])
     proc = [p for p in trace["processes"] if p["pid"] == run["vmm"]["pid"]][0]
@@ -261,6 +271,10 @@ def test_verifier_rejects_altered_trace(run, alter, tmp_path):
         proc["vcpus"] = proc["vcpus"][1:]
     elif alter == "extra_event":
         v["coredump"]["events"] = 2
+    elif alter == "exit_on_never_ran":
+        v = proc["vcpus"][-1]
+        assert v["coredump"]["status"] & STATUS_NEVER_RAN
+        v["exits"] = 1
     path = tmp_path / "trace.json"
     path.write_text(json.dumps(trace))
     p = verify(path, run["core"])
