@@ -17,6 +17,7 @@ import copy
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -154,6 +155,10 @@ def run(tmp_path_factory):
     with tarfile.open(d / "out.img") as t:
         t.extractall(out)
     times["total"] = round(time.monotonic() - t0, 1)
+    up = dict(re.findall(r"^(tracer start|tracer ready|tracer exit \d+) ([\d.]+)$",
+                         (out / "run.log").read_text(), re.M))
+    if "tracer start" in up and "tracer ready" in up:
+        times["in guest: bcc startup"] = round(float(up["tracer ready"]) - float(up["tracer start"]), 1)
     print(f"\nbpf e2e in {d}: " + ", ".join(f"{k} {v}s" for k, v in times.items()))
     for name in ("run.log", "tracer.out", "tracer.err"):
         print(f"--- {name}\n" + (out / name).read_text(errors="replace"))
