@@ -13,6 +13,8 @@ packages=(
 	# the emulated machines and what boots in them
 	qemu-system-x86 bochs bochsbios vgabios isolinux syslinux-common
 	genisoimage busybox-static
+	# the bcc tracer test: a Debian rootfs for the emulated machine
+	mmdebstrap e2fsprogs
 	# the Python side
 	python3 python3-venv python3-pip
 	# looking at cores by hand
