@@ -41,7 +41,7 @@ while [ $# -gt 0 ]; do
 	--bisect) bisect=1; shift ;;
 	--checkpatch) checkpatch=1; shift ;;
 	--print) print_only=1; shift ;;
-	-h|--help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+	-h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
 	*) echo "build.sh: unknown argument: $1 (try --help)" >&2; exit 2 ;;
 	esac
 done
