@@ -93,8 +93,6 @@ def select_vm(core: Core, vm_index: int | None) -> Vm:
 
 def assign_cpus(vcpus: list[Vcpu], cpu_map: dict[int, int] | None) -> list[tuple[int, Vcpu]]:
     """(guest CPU number, vCPU) in CPU order: by vcpu_id, or as `cpu_map` says."""
-    if not vcpus:
-        raise KvmnoteError("the VM has no vCPU notes")
     by_id = {v.vcpu_id: v for v in vcpus}
     if cpu_map is None:
         return list(enumerate(by_id[i] for i in sorted(by_id)))
@@ -394,6 +392,8 @@ def write_vmcore(core_path: str, out_path: str, *, vm_index: int | None = None,
     with open_core(core_path) as core:
         vm = select_vm(core, vm_index)
         slots = _ram_slots(core, vm)
+        if not vm.vcpus:
+            raise KvmnoteError(f"{core.path}: VM {vm.vm_index} has no vCPU notes")
         cpus = assign_cpus(vm.vcpus, cpu_map)
         result = Result([(c, v.vcpu_id) for c, v in cpus], [(g, s) for g, s, _ in slots])
         cpu_notes = _cpu_notes(cpus, allow_partial, result.warnings)
