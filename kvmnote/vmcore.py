@@ -248,12 +248,45 @@ def _pieces(core: Core, uaddr: int, size: int) -> Iterator[tuple[int, int, int |
         yield uaddr, end - uaddr, None, "not in the core (no PT_LOAD)"
 
 
-def _read(core: Core, uaddr: int, size: int) -> bytes | None:
-    """Core memory, or None when the core file is cut off there."""
-    try:
-        return core.read(uaddr, size)
-    except (MissingDataError, CompressedError):
-        return None
+class _Reader:
+    """Core bytes by (address, file offset): plain files with pread (holes skipped)."""
+
+    def __init__(self, core: Core) -> None:
+        self.core = core
+        self.fd = os.open(core.path, os.O_RDONLY) if core.compression is None else -1
+        self.size = os.fstat(self.fd).st_size if self.fd >= 0 else 0
+
+    def close(self) -> None:
+        """Close the plain file."""
+        if self.fd >= 0:
+            os.close(self.fd)
+
+    def read(self, uaddr: int, foff: int, n: int) -> bytes:
+        """Up to `n` bytes; fewer only where the core file ends (truncated core)."""
+        if self.fd < 0:
+            return self._read_compressed(uaddr, n)
+        n = max(0, min(n, self.size - foff))
+        try:
+            data_at = os.lseek(self.fd, foff, os.SEEK_DATA)
+        except OSError:       # ENXIO: only a hole up to the end of the file
+            data_at = self.size
+        if data_at >= foff + n:
+            return ZERO_CHUNK if n == CHUNK else bytes(n)
+        return os.pread(self.fd, n, foff)
+
+    def _read_compressed(self, uaddr: int, n: int) -> bytes:
+        """Through kvmnote.core (decompressing); on a cut, the pages before it."""
+        try:
+            return self.core.read(uaddr, n)
+        except (MissingDataError, CompressedError):
+            pass
+        out = bytearray()
+        for p in range(0, n, PAGE):
+            try:
+                out += self.core.read(uaddr + p, min(PAGE, n - p))
+            except (MissingDataError, CompressedError):
+                break
+        return bytes(out)
 
 
 class _Writer:
@@ -266,16 +299,16 @@ class _Writer:
         """Write `data` at `offset`, skipping its all-zero pages."""
         if data == ZERO_CHUNK[:len(data)]:
             return
-        view, run = memoryview(data), -1
+        run = -1
         for p in range(0, len(data), PAGE):
-            zero = view[p:p + PAGE] == ZERO_PAGE[:min(PAGE, len(data) - p)]
+            zero = data.startswith(ZERO_PAGE[:len(data) - p], p, p + PAGE)
             if zero and run >= 0:
-                os.pwrite(self.fd, view[run:p], offset + run)
+                os.pwrite(self.fd, memoryview(data)[run:p], offset + run)
                 run = -1
             elif not zero and run < 0:
                 run = p
         if run >= 0:
-            os.pwrite(self.fd, view[run:], offset + run)
+            os.pwrite(self.fd, memoryview(data)[run:], offset + run)
 
 
 def _copy_ram(core: Core, slots: list[tuple[int, int, int]], offsets: list[int],
@@ -283,7 +316,6 @@ def _copy_ram(core: Core, slots: list[tuple[int, int, int]], offsets: list[int],
               progress: Progress | None) -> list[Missing]:
     """Copy each slot's bytes to its file offset; return what the core lacks."""
     missing: list[Missing] = []
-    cut: int | None = None          # file offset where the (truncated) core ends
     total, done = sum(s[1] for s in slots), 0
 
     def lack(gpa: int, n: int, why: str) -> None:
@@ -293,43 +325,29 @@ def _copy_ram(core: Core, slots: list[tuple[int, int, int]], offsets: list[int],
         else:
             missing.append(Missing(gpa, n, why))
 
-    for (gpa, size, uaddr), base in zip(slots, offsets):
-        for ua, n, foff, why in _pieces(core, uaddr, size):
-            g = gpa + ua - uaddr
-            if foff is None:
-                lack(g, n, why)
-                done += n
-                continue
-            pos = 0
-            while pos < n:
-                step = min(CHUNK - (g + pos) % CHUNK, n - pos)
-                data = None
-                if cut is None or foff + pos + step <= cut:
-                    data = _read(core, ua + pos, step)
-                if data is None:
-                    # Find where the core ends inside this chunk, page by page.
-                    good = 0
-                    while (cut is None or foff + pos + good + PAGE <= cut) and good < step:
-                        page = _read(core, ua + pos + good, min(PAGE, step - good))
-                        if page is None:
-                            break
-                        out.write(base + g - gpa + pos + good, page)
-                        if scan:
-                            scan.feed(g + pos + good, page)
-                        good += len(page)
-                    if cut is None or foff + pos + good < cut:
-                        cut = foff + pos + good
-                    if good < step:
-                        lack(g + pos + good, step - good,
-                             "cut off: the core file ends before it (truncated core)")
-                else:
+    reader = _Reader(core)
+    try:
+        for (gpa, size, uaddr), base in zip(slots, offsets):
+            for ua, n, foff, why in _pieces(core, uaddr, size):
+                g = gpa + ua - uaddr
+                if foff is None:
+                    lack(g, n, why)
+                    done += n
+                    continue
+                for pos in range(0, n, CHUNK):
+                    step = min(CHUNK, n - pos)
+                    data = reader.read(ua + pos, foff + pos, step)
                     out.write(base + g - gpa + pos, data)
                     if scan:
                         scan.feed(g + pos, data)
-                pos += step
-                if progress:
-                    progress(done + pos, total)
-            done += n
+                    if len(data) < step:
+                        lack(g + pos + len(data), step - len(data),
+                             "cut off: the core file ends before it (truncated core)")
+                    if progress:
+                        progress(done + pos + step, total)
+                done += n
+    finally:
+        reader.close()
     return missing
 
 
