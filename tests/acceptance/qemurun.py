@@ -45,7 +45,7 @@ qmp() {  # send one command, wait for its "return" (or "error")
 run() {  # $1 = scenario name, $2 = paused|running
     rm -f /tmp/qmp.in /tmp/qmp.out; mkfifo /tmp/qmp.in /tmp/qmp.out
     qemu-system-x86_64 -accel kvm -cpu host -machine pc,dump-guest-core=on \
-        -smp 2,sockets=2,cores=1,threads=1 -m %(mib)d -nodefaults -display none -vga none \
+        -smp 2,sockets=2,cores=1,threads=1 -m @MIB@ -nodefaults -display none -vga none \
         -no-reboot -serial file:/tmp/out/$1.guest.log -chardev pipe,id=qmp,path=/tmp/qmp \
         -mon chardev=qmp,mode=control -device vmcoreinfo -kernel /l2/bzImage \
         -initrd /l2/initramfs.gz -append "console=ttyS0 panic=-1 \
@@ -123,7 +123,7 @@ def host_initramfs(work: Path, guest_kernel: Path, guest_initrd: Path) -> Path:
     """The L1 initramfs: busybox, Debian's QEMU with its libraries and firmware, L2."""
     tree = work / "l1-root"
     shutil.rmtree(tree, ignore_errors=True)
-    _busybox_tree(tree, HOST_INIT % {"mib": GUEST_MIB})
+    _busybox_tree(tree, HOST_INIT.replace("@MIB@", str(GUEST_MIB)))
     (tree / "usr/bin").mkdir(parents=True)
     shutil.copy(QEMU, tree / "usr/bin")
     (tree / "bin/qemu-system-x86_64").symlink_to("/usr/bin/qemu-system-x86_64")
