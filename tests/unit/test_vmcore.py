@@ -218,16 +218,21 @@ def test_zero_pages_are_holes(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 
 def test_vmcoreinfo_found_in_ram_without_crashtime(tmp_path: Path,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
-    text = INFO + b"CRASHTIME=1700000000\nNUMBER(phys_base)=0\n"
-    # Straddling a 1 MiB boundary of slot 1, after a decoy without OSRELEASE=.
-    at = (1 << 32) + (1 << 20) - 30
+    filler = b"".join(b"NUMBER(filler%d)=%d\n" % (i, i) for i in range(250))
+    text = INFO + b"CRASHTIME=1700000000\n" + filler
+    assert 4096 < len(text) < 8192
+    # Page-aligned (as Linux allocates it), in the last page before a 1 MiB boundary of
+    # slot 1 so that its text goes on in the next read; after decoys (no OSRELEASE=,
+    # not page-aligned).
+    at = (1 << 32) + (1 << 20) - PAGE
     decoy = struct.pack("<III", 11, 8, 0) + b"VMCOREINFO\0\0NOTHING="
-    make_core(tmp_path / "core", ram={0x3000: decoy, at: info_note(text)})
+    make_core(tmp_path / "core", ram={0x3000: decoy, 0x5010: info_note(b"OSRELEASE=x\n"),
+                                      at: info_note(text)})
     rc, err = run(capsys, str(tmp_path / "core"), "-o", str(tmp_path / "vmcore"))
     assert rc == 0 and err == ""
     name, ntype, desc = elf_notes(tmp_path / "vmcore")[-1]
     assert (name, ntype) == (b"VMCOREINFO", 0)
-    assert desc == INFO + b"NUMBER(phys_base)=0\n"
+    assert desc == INFO + filler
 
 
 def test_vmcoreinfo_missing_warns(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
