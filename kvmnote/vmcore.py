@@ -49,12 +49,13 @@ class Result:
     ram: list[tuple[int, int]]            # (gpa, size) of each PT_LOAD
     missing: list[Missing] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
-    vmcoreinfo: str | None = None         # "guest RAM at 0x..", "FILE", or None
+    stateless: list[int] = field(default_factory=list)   # CPUs written with zero registers
+    vmcoreinfo: str | None = None         # "guest RAM at 0x...", "given", or None
 
     @property
     def complete(self) -> bool:
         """True when every guest RAM byte and every CPU's state was written."""
-        return not self.missing and not any("no state" in w for w in self.warnings)
+        return not self.missing and not self.stateless
 
 
 def parse_cpu_map(text: str) -> dict[int, int]:
@@ -370,8 +371,7 @@ def _ram_slots(core: Core, vm: Vm) -> list[tuple[int, int, int]]:
     return slots
 
 
-def _cpu_notes(cpus: list[tuple[int, Vcpu]], allow_partial: bool,
-               warnings: list[str]) -> bytes:
+def _cpu_notes(cpus: list[tuple[int, Vcpu]], allow_partial: bool, result: Result) -> bytes:
     """All NT_PRSTATUS notes, then all QEMU notes, in CPU order."""
     states: list[tuple[int, Vcpu | None]] = []
     for cpu, v in cpus:
@@ -384,7 +384,8 @@ def _cpu_notes(cpus: list[tuple[int, Vcpu]], allow_partial: bool,
                     f"(status {','.join(flags) or 'none'}{', error ' + err if err else ''})")
             if not allow_partial:
                 raise KvmnoteError(f"{what}; --allow-partial writes zero registers for it")
-            warnings.append(f"{what}: its registers are written as zeros")
+            result.warnings.append(f"{what}: its registers are written as zeros")
+            result.stateless.append(cpu)
         states.append((cpu, v if ok else None))
     return (b"".join(_note(b"CORE", S.NT_PRSTATUS, prstatus_desc(c, v)) for c, v in states)
             + b"".join(_note(S.QEMU_NOTE_NAME, 0, qemu_desc(v)) for _, v in states))
@@ -423,7 +424,7 @@ def write_vmcore(core_path: str, out_path: str, *, vm_index: int | None = None,
             raise KvmnoteError(f"{core.path}: VM {vm.vm_index} has no vCPU notes")
         cpus = assign_cpus(vm.vcpus, cpu_map)
         result = Result([(c, v.vcpu_id) for c, v in cpus], [(g, s) for g, s, _ in slots])
-        cpu_notes = _cpu_notes(cpus, allow_partial, result.warnings)
+        cpu_notes = _cpu_notes(cpus, allow_partial, result)
         info_room = len(_note(S.VMCOREINFO_NOTE_NAME, 0,
                               vmcoreinfo if vmcoreinfo is not None else bytes(VMCOREINFO_MAX)))
         phoff = S.size(S.Elf64_Ehdr)
@@ -434,6 +435,7 @@ def write_vmcore(core_path: str, out_path: str, *, vm_index: int | None = None,
             offsets.append(off)
             off += size
         fd = _open_output(out_path, core_path, force)
+        done = False
         try:
             os.ftruncate(fd, off)
             scan = VmcoreinfoScanner() if vmcoreinfo is None else None
@@ -450,11 +452,13 @@ def write_vmcore(core_path: str, out_path: str, *, vm_index: int | None = None,
             if vmcoreinfo is not None:
                 notes += _note(S.VMCOREINFO_NOTE_NAME, 0, clean_vmcoreinfo(vmcoreinfo))
             os.pwrite(fd, _headers(slots, offsets, notes_off, len(notes)) + notes, 0)
-        except BaseException:
+            done = True
+        except OSError as e:    # ENOSPC, EIO, EFBIG...
+            raise KvmnoteError(f"{out_path}: cannot write: {e.strerror}") from None
+        finally:
             os.close(fd)
-            os.unlink(out_path)
-            raise
-        os.close(fd)
+            if not done:
+                os.unlink(out_path)
     return result
 
 
