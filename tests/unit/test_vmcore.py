@@ -411,3 +411,18 @@ def test_gdb_reads_registers(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     r0, r1 = want["vcpus"][0]["regs"], want["vcpus"][1]["regs"]
     assert f"rip            {r0['rip']:#x}" in out and f"rsp            {r0['rsp']:#x}" in out
     assert f"rip            {r1['rip']:#x}" in out
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tiny tmpfs needs root")
+def test_disk_full_is_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    make_core(tmp_path / "core", ram={0: os.urandom(1 << 20), 1 << 32: os.urandom(2 << 20)})
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], check=True)
+    try:
+        err = one_line_error(*run(capsys, str(tmp_path / "core"), "-o", str(small / "v"),
+                                  "--vmcoreinfo", str(_info_file(tmp_path))))
+        assert "cannot write" in err and "No space left" in err
+        assert not (small / "v").exists()
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
