@@ -72,8 +72,7 @@ qemu_fw_cfg.ioport=12@0x510:0:1:4" 2> /tmp/out/$1.qemu.err &
     mv /tmp/core.* /tmp/out/$1.core
     log "$1: core written ($(wc -c < /tmp/out/$1.core) bytes)"
 }
-run paused paused
-run running running
+@SCENARIOS@
 cd /tmp/out && tar cf /dev/vda . && sync
 log "tar done"
 reboot -f
@@ -119,11 +118,13 @@ def guest_initramfs(work: Path) -> Path:
     return out
 
 
-def host_initramfs(work: Path, guest_kernel: Path, guest_initrd: Path) -> Path:
+def host_initramfs(work: Path, guest_kernel: Path, guest_initrd: Path,
+                   scenarios: tuple[str, ...] = ("paused", "running")) -> Path:
     """The L1 initramfs: busybox, Debian's QEMU with its libraries and firmware, L2."""
     tree = work / "l1-root"
     shutil.rmtree(tree, ignore_errors=True)
-    _busybox_tree(tree, HOST_INIT.replace("@MIB@", str(GUEST_MIB)))
+    init = HOST_INIT.replace("@MIB@", str(GUEST_MIB))
+    _busybox_tree(tree, init.replace("@SCENARIOS@", "\n".join(f"run {s} {s}" for s in scenarios)))
     (tree / "usr/bin").mkdir(parents=True)
     shutil.copy(QEMU, tree / "usr/bin")
     (tree / "bin/qemu-system-x86_64").symlink_to("/usr/bin/qemu-system-x86_64")
@@ -155,11 +156,12 @@ def kernel(*args: str) -> Path:
     return Path(out[-1])
 
 
-def run(work: Path, host_kernel: Path, guest_kernel: Path, timeout: float = 900) -> dict:
-    """Boot L1 once (both scenarios); return paths and timings of what came out."""
+def run(work: Path, host_kernel: Path, guest_kernel: Path, timeout: float = 900,
+        scenarios: tuple[str, ...] = ("paused", "running")) -> dict:
+    """Boot L1 once (all `scenarios`); return paths and timings of what came out."""
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
-    host_rd = host_initramfs(work, guest_kernel, guest_initramfs(work))
+    host_rd = host_initramfs(work, guest_kernel, guest_initramfs(work), scenarios)
     t_rd = time.monotonic() - t0
     disk = work / "out.img"
     disk.unlink(missing_ok=True)

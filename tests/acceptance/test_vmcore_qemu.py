@@ -215,3 +215,46 @@ def test_drgn_running_guest(run: dict) -> None:
         assert frames, f"{key}: no stack trace"
         if "comm=swapper" in key:
             assert any(f in ("do_idle", "cpu_startup_entry") for f in frames), frames
+
+
+TARBALL_61 = Path("/usr/src/linux-source-6.1.tar.xz")
+CRASH_CMDS = "bt -a\nps -m dd\nquit\n"
+
+
+def crash_output(vmlinux: Path, vmcore: Path) -> str:
+    """`crash` (Debian 12: 8.0.2) running bt -a on a vmcore, without its banner."""
+    p = subprocess.run(["crash", "-s", "--no_scroll", str(vmlinux), str(vmcore)],
+                       input=CRASH_CMDS, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    return p.stdout
+
+
+@pytest.fixture(scope="module")
+def run61() -> dict:
+    """A paused 6.1 guest (crash 8.0.2 cannot read 6.12): QEMU's dump and ours."""
+    need(shutil.which("crash") is not None, "crash not installed (apt-get install crash)")
+    need(TARBALL_61.exists(), "linux-source-6.1 not installed (apt-get install "
+         "linux-source-6.1)")
+    need(os.geteuid() == 0 and shutil.which("qemu-system-x86_64") is not None,
+         "root and qemu-system-x86_64 needed")
+    host = qemurun.kernel("-c", "qemuhost")
+    env_kernel = subprocess.run(
+        [str(qemurun.ROOT / "kpatch/build.sh"), "-n", "--base", "guest61"],
+        env=dict(os.environ, KVMNOTE_LINUX_TARBALL=str(TARBALL_61)),
+        capture_output=True, text=True, check=True).stdout.split()[-1]
+    guest = Path(env_kernel)
+    r = qemurun.run(WORK / "linux-6.1", host, guest, scenarios=("paused",))
+    out = r["out"]
+    proc = subprocess.run([sys.executable, "-m", "kvmnote", "vmcore", "--force",
+                           str(out / "paused.core"), "-o", str(out / "paused.kvmnote-vmcore")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return {"out": out, "vmlinux": guest.parent / "vmlinux"}
+
+
+def test_crash_bt_equals_qemu(run61: dict) -> None:
+    ours = crash_output(run61["vmlinux"], run61["out"] / "paused.kvmnote-vmcore")
+    ref = crash_output(run61["vmlinux"], run61["out"] / "paused.qemu-dump")
+    print("\ncrash on kvmnote's vmcore (6.1 guest):\n" + ours)
+    assert ours == ref
+    assert "PID: 0" in ours and "swapper/" in ours and "COMMAND: \"dd\"" in ours
