@@ -149,11 +149,14 @@ def host_initramfs(work: Path, guest_kernel: Path, guest_initrd: Path,
     return out
 
 
-def kernel(*args: str) -> Path:
-    """The bzImage kpatch/build.sh prints for `args` (built, or taken from its cache)."""
-    out = subprocess.run([str(ROOT / "kpatch/build.sh"), *args], capture_output=True,
-                         text=True, check=True).stdout.split()
-    return Path(out[-1])
+def kernel(*args: str, env: dict[str, str] | None = None) -> Path:
+    """The bzImage kpatch/build.sh makes for `args` (cached: found without its lock)."""
+    build = [str(ROOT / "kpatch/build.sh"), *args]
+    path = Path(subprocess.run(build + ["--print"], capture_output=True, text=True,
+                               check=True, env=env).stdout.split()[-1])
+    if not path.exists():
+        subprocess.run(build, check=True, env=env, stdout=subprocess.DEVNULL)
+    return path
 
 
 def run(work: Path, host_kernel: Path, guest_kernel: Path, timeout: float = 900,

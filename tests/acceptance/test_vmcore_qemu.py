@@ -238,11 +238,8 @@ def run61() -> dict:
     need(os.geteuid() == 0 and shutil.which("qemu-system-x86_64") is not None,
          "root and qemu-system-x86_64 needed")
     host = qemurun.kernel("-c", "qemuhost")
-    env_kernel = subprocess.run(
-        [str(qemurun.ROOT / "kpatch/build.sh"), "-n", "--base", "guest61"],
-        env=dict(os.environ, KVMNOTE_LINUX_TARBALL=str(TARBALL_61)),
-        capture_output=True, text=True, check=True).stdout.split()[-1]
-    guest = Path(env_kernel)
+    guest = qemurun.kernel("-n", "--base", "guest61",
+                           env=dict(os.environ, KVMNOTE_LINUX_TARBALL=str(TARBALL_61)))
     r = qemurun.run(WORK / "linux-6.1", host, guest, scenarios=("paused",))
     out = r["out"]
     proc = subprocess.run([sys.executable, "-m", "kvmnote", "vmcore", "--force",
