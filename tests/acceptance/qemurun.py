@@ -59,7 +59,12 @@ qemu_fw_cfg.ioport=12@0x510:0:1:4" 2> /tmp/out/$1.qemu.err &
         grep -q KVMNOTE-GUEST-READY /tmp/out/$1.guest.log 2>/dev/null && break
         sleep 0.1
     done
-    log "$1: guest ready"
+    if grep -q KVMNOTE-GUEST-READY /tmp/out/$1.guest.log; then
+        log "$1: guest ready"
+    else
+        qmp '{"execute":"query-status"}' $1
+        log "$1: guest NOT ready after 60 s: $(tail -1 /tmp/out/$1.qmp.log)"
+    fi
     sleep 2
     if [ "$2" = paused ]; then
         qmp '{"execute":"stop"}' $1
@@ -184,7 +189,7 @@ def run(work: Path, host_kernel: Path, guest_kernel: Path, timeout: float = 900,
     out = work / "out"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir()
-    if "tar done" not in console:
+    if "tar done" not in console or "NOT ready" in console:
         raise RuntimeError(f"L1 run failed (rc {rc}); console tail:\n" + console[-3000:])
     with tarfile.open(disk) as tar:
         tar.extractall(out, filter="data")
