@@ -223,7 +223,7 @@ CRASH_CMDS = "bt -a\nps -m dd\nquit\n"
 
 def crash_output(vmlinux: Path, vmcore: Path) -> str:
     """`crash` (Debian 12: 8.0.2) running bt -a on a vmcore, without its banner."""
-    p = subprocess.run(["crash", "-s", "--no_scroll", str(vmlinux), str(vmcore)],
+    p = subprocess.run(["crash", "-s", "--no_scroll", "--kaslr=auto", str(vmlinux), str(vmcore)],
                        input=CRASH_CMDS, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     return p.stdout
