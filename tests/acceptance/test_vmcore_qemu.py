@@ -218,7 +218,7 @@ def test_drgn_running_guest(run: dict) -> None:
 
 
 TARBALL_61 = Path("/usr/src/linux-source-6.1.tar.xz")
-CRASH_CMDS = "bt -a\nps -m dd\nquit\n"
+CRASH_CMDS = "bt -a\nps dd\nquit\n"
 
 
 def crash_output(vmlinux: Path, vmcore: Path) -> str:
