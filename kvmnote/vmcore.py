@@ -246,7 +246,8 @@ def _pieces(core: Core, uaddr: int, size: int) -> Iterator[tuple[int, int, int |
             yield uaddr, dumped - uaddr, ld.offset + uaddr - ld.vaddr, ""
             uaddr = dumped
         if stop > uaddr:
-            yield uaddr, stop - uaddr, None, "not dumped (p_filesz < p_memsz: MADV_DONTDUMP?)"
+            yield uaddr, stop - uaddr, None, ("not dumped (p_filesz < p_memsz: MADV_DONTDUMP, or memory "
+                                            "the VMM never touched)")
             uaddr = stop
     if end > uaddr:
         yield uaddr, end - uaddr, None, "not in the core (no PT_LOAD)"
