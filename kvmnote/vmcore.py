@@ -27,6 +27,7 @@ VMCOREINFO_MAX = 8192
 PT_LOAD, PT_NOTE, ET_CORE, EM_X86_64 = 1, 4, 4, 62
 
 Progress = Callable[[int, int], None]
+NOT_DUMPED = "not dumped (p_filesz < p_memsz: MADV_DONTDUMP, or memory the VMM never touched)"
 
 
 @dataclass
@@ -246,8 +247,7 @@ def _pieces(core: Core, uaddr: int, size: int) -> Iterator[tuple[int, int, int |
             yield uaddr, dumped - uaddr, ld.offset + uaddr - ld.vaddr, ""
             uaddr = dumped
         if stop > uaddr:
-            yield uaddr, stop - uaddr, None, ("not dumped (p_filesz < p_memsz: MADV_DONTDUMP, or memory "
-                                            "the VMM never touched)")
+            yield uaddr, stop - uaddr, None, NOT_DUMPED
             uaddr = stop
     if end > uaddr:
         yield uaddr, end - uaddr, None, "not in the core (no PT_LOAD)"

@@ -69,7 +69,8 @@ qemu_fw_cfg.ioport=12@0x510:0:1:4" 2> /tmp/out/$1.qemu.err &
     if [ "$2" = paused ]; then
         qmp '{"execute":"stop"}' $1
         log "$1: stopped"
-        qmp '{"execute":"dump-guest-memory","arguments":{"paging":false,"protocol":"file:/tmp/out/'$1'.qemu-dump"}}' $1
+        qmp '{"execute":"dump-guest-memory","arguments":{"paging":false,'\
+'"protocol":"file:/tmp/out/'$1'.qemu-dump"}}' $1
         log "$1: dump-guest-memory done"
     fi
     kill -SEGV $qpid; wait $qpid

@@ -105,7 +105,8 @@ def guest_read(path: Path, gpa: int, size: int) -> bytes:
     """Guest-physical bytes of a vmcore through its PT_LOADs' p_paddr."""
     with open(path, "rb") as f:
         for seg in ELFFile(f).iter_segments():
-            if seg["p_type"] == "PT_LOAD" and seg["p_paddr"] <= gpa < seg["p_paddr"] + seg["p_filesz"]:
+            start, end = seg["p_paddr"], seg["p_paddr"] + seg["p_filesz"]
+            if seg["p_type"] == "PT_LOAD" and start <= gpa < end:
                 f.seek(seg["p_offset"] + gpa - seg["p_paddr"])
                 return f.read(size)
     raise AssertionError(f"{gpa:#x} not in any PT_LOAD")
