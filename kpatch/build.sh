@@ -1,12 +1,15 @@
 #!/bin/bash
 # Apply the kvmnote series to Debian's linux-source-6.12 and build test kernels.
 #
-#   kpatch/build.sh [-n] [-c CONFIG]... [--bisect] [--checkpatch]
+#   kpatch/build.sh [-n] [-c CONFIG]... [--base BASE] [--bisect] [--checkpatch]
 #
 #   -c CONFIG     build kernel CONFIG (a name under kpatch/configs/ besides
 #                 base, e.g. "modules" or "debug"; "base" is the minimal one).
 #                 May be given several times; default: base.
 #   -n            build the unpatched base kernel instead (no series).
+#   --base BASE   the fragment applied first on tinyconfig (default: base);
+#                 a standalone fragment such as "guest" is built with
+#                 `--base guest` (alone, as `-c guest` is then implied).
 #   --bisect      build the base config after every patch of the series.
 #   --checkpatch  run scripts/checkpatch.pl --strict on every patch.
 #   --print       print the paths the kernels would have, build nothing.
@@ -29,18 +32,20 @@ patched=1
 bisect=0
 checkpatch=0
 print_only=0
+basecfg=base
 while [ $# -gt 0 ]; do
 	case "$1" in
 	-c) configs+=("$2"); shift 2 ;;
 	-n) patched=0; shift ;;
+	--base) basecfg=$2; shift 2 ;;
 	--bisect) bisect=1; shift ;;
 	--checkpatch) checkpatch=1; shift ;;
 	--print) print_only=1; shift ;;
-	-h|--help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+	-h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
 	*) echo "build.sh: unknown argument: $1 (try --help)" >&2; exit 2 ;;
 	esac
 done
-[ ${#configs[@]} -gt 0 ] || configs=(base)
+[ ${#configs[@]} -gt 0 ] || configs=("$basecfg")
 
 die() { echo "build.sh: $*" >&2; exit 1; }
 log() { echo "build.sh: $*" >&2; }
@@ -88,8 +93,8 @@ checkout() {
 # make_config BUILDDIR CONFIG: tinyconfig + base.config (+ CONFIG.config).
 make_config() {
 	local out=$1 name=$2 frag
-	frag=("$here/configs/base.config")
-	[ "$name" = base ] || frag+=("$here/configs/$name.config")
+	frag=("$here/configs/$basecfg.config")
+	[ "$name" = "$basecfg" ] || frag+=("$here/configs/$name.config")
 	make -s -C "$tree" O="$out" tinyconfig >/dev/null
 	# KVM's options appear only once VIRTUALIZATION is set: merge twice.
 	for _ in 1 2; do
@@ -124,7 +129,7 @@ build() {
 
 result_dir() {
 	local name=$1 h
-	h=$(hash_of "$here/configs/base.config" "$here/configs/$name.config" "$here/build.sh" \
+	h=$(hash_of "$here/configs/$basecfg.config" "$here/configs/$name.config" "$here/build.sh" \
 		<(echo "$src_hash $patched") \
 		$( [ "$patched" = 1 ] && printf '%s ' "${series[@]}"))
 	echo "$cache/kernel/$([ "$patched" = 1 ] && echo patched || echo unpatched)-$name-$h"
@@ -193,6 +198,10 @@ for name in "${configs[@]}"; do
 		rm -rf "$res.tmp"
 		mkdir -p "$res.tmp"
 		cp "$bdir/arch/x86/boot/bzImage" "$bdir/.config" "$res.tmp/"
+		# Debug-info kernels keep their vmlinux (for drgn, crash, gdb).
+		if grep -q '^CONFIG_DEBUG_INFO=y' "$bdir/.config"; then
+			cp "$bdir/vmlinux" "$res.tmp/"
+		fi
 		if grep -q '^CONFIG_MODULES=y' "$bdir/.config"; then
 			make -s -C "$tree" O="$bdir" INSTALL_MOD_PATH="$res.tmp" INSTALL_MOD_STRIP=1 \
 				modules_install >&2

@@ -4,7 +4,7 @@ import argparse
 import json
 import sys
 
-from . import report
+from . import report, vmcore
 from .core import open_core
 from .errors import KvmnoteError
 
@@ -15,6 +15,21 @@ EPILOG = """examples:
   kvmnote read --json core | jq '.vcpus[].regs.rip'
 
 exit status: 0 success, 2 error (bad input or usage; one line on stderr)
+"""
+
+VMCORE_EPILOG = """examples:
+  kvmnote vmcore core.qemu.1234 -o guest.vmcore       # then: drgn -c guest.vmcore -s vmlinux
+  kvmnote vmcore core.qemu.1234.zst -o guest.vmcore   # systemd-coredump's compressed core
+  kvmnote vmcore --cpu-map 0=0,2=1 core -o guest.vmcore
+  kvmnote vmcore --allow-partial truncated.core -o guest.vmcore
+
+Guest CPU numbers: KVM's vcpu_id is the VMM's choice (QEMU: the APIC ID), and Linux
+numbers CPUs in the order the firmware tables (MADT, MP table) list them, which QEMU emits
+in APIC-ID order; so by default vCPUs sorted by vcpu_id become CPU 0, 1, ...  Another VMM
+may need --cpu-map VCPU_ID=CPU,...
+
+exit status: 0 success; 1 written but incomplete (guest RAM missing from the core, or a
+vCPU without state; only without --allow-partial); 2 error, nothing written
 """
 
 
@@ -34,6 +49,24 @@ def _read(args: argparse.Namespace) -> int:
     return 0
 
 
+def _vmcore(args: argparse.Namespace) -> int:
+    """`kvmnote vmcore`: write a guest vmcore from a VMM core."""
+    info = vmcore.read_vmcoreinfo_file(args.vmcoreinfo) if args.vmcoreinfo else None
+    cpu_map = vmcore.parse_cpu_map(args.cpu_map) if args.cpu_map is not None else None
+    res = vmcore.write_vmcore(args.core, args.output, vm_index=args.vm, cpu_map=cpu_map,
+                              vmcoreinfo=info, allow_partial=args.allow_partial,
+                              force=args.force, progress=vmcore.tty_progress(sys.stderr))
+    for w in res.warnings:
+        print(f"kvmnote: warning: {w}", file=sys.stderr)
+    if res.missing:
+        total = sum(m.size for m in res.missing)
+        print(f"kvmnote: {args.output}: {total} bytes of guest RAM are not in the core, "
+              f"written as zeros:", file=sys.stderr)
+        for m in res.missing:
+            print(f"kvmnote:   missing {m}", file=sys.stderr)
+    return 0 if res.complete or args.allow_partial else 1
+
+
 def parser() -> argparse.ArgumentParser:
     """The argument parser for all subcommands."""
     p = argparse.ArgumentParser(
@@ -48,6 +81,21 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--all", action="store_true",
                    help="also MSRs, debug registers, events, XCRs, XSAVE, LAPIC")
     r.set_defaults(func=_read)
+    v = sub.add_parser("vmcore", help="write the guest's vmcore (for crash, gdb, drgn)",
+                       epilog=VMCORE_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    v.add_argument("core", help="VMM core file (plain, or zstd/lz4/xz compressed)")
+    v.add_argument("-o", "--output", required=True, metavar="VMCORE", help="vmcore to write")
+    v.add_argument("--force", action="store_true", help="overwrite an existing VMCORE")
+    v.add_argument("--vm", type=int, metavar="N", help="the VM with vm_index N (needed "
+                   "when the core has several)")
+    v.add_argument("--cpu-map", metavar="ID=CPU,...", help="guest CPU number of each "
+                   "vcpu_id (default: vcpu_id order)")
+    v.add_argument("--vmcoreinfo", metavar="FILE", help="the guest's VMCOREINFO text, "
+                   "instead of finding it in guest RAM")
+    v.add_argument("--allow-partial", action="store_true", help="exit 0 even if guest RAM "
+                   "is missing (truncated core) or a vCPU has no state (zero registers)")
+    v.set_defaults(func=_vmcore)
     return p
 
 

@@ -202,7 +202,38 @@ siginfo = Struct("si_signo" / Int32sl, "si_errno" / Int32sl, "si_code" / Int32sl
 nt_file_header = Struct("count" / Int64ul, "page_size" / Int64ul)
 nt_file_entry = Struct("start" / Int64ul, "end" / Int64ul, "file_ofs" / Int64ul)
 
-# ELF64 headers, for building synthetic cores (reading uses pyelftools).
+# --- QEMU's guest-dump CPU note (target/i386/arch_dump.c) -----------------
+
+# Owner "QEMU", n_type 0; version 1 plus kernel_gs_base (440 bytes; QEMU
+# before 9.0 wrote 432, without it).
+QEMU_NOTE_NAME = b"QEMU"
+QEMUCPUSTATE_VERSION = 1
+QEMU_SEGMENTS = ("cs", "ds", "es", "fs", "gs", "ss", "ldt", "tr", "gdt", "idt")
+
+QEMUCPUSegment = Struct(
+    "selector" / Int32ul, "limit" / Int32ul, "flags" / Int32ul, "pad" / Int32ul,
+    "base" / Int64ul)
+
+QEMUCPUState = Struct(
+    "version" / Int32ul, "size" / Int32ul,
+    *(name / Int64ul for name in (
+        "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", "r10",
+        "r11", "r12", "r13", "r14", "r15", "rip", "rflags")),
+    *(name / QEMUCPUSegment for name in QEMU_SEGMENTS),
+    "cr" / Array(5, Int64ul), "kernel_gs_base" / Int64ul)
+
+# QEMU's SegmentCache.flags: the descriptor's high dword bits (target/i386/cpu.h).
+DESC_TYPE_SHIFT, DESC_S_SHIFT, DESC_DPL_SHIFT, DESC_P_SHIFT = 8, 12, 13, 15
+DESC_AVL_SHIFT, DESC_L_SHIFT, DESC_B_SHIFT, DESC_G_SHIFT = 20, 21, 22, 23
+
+# The Linux kernel's VMCOREINFO ELF note (kernel/vmcore_info.c): owner
+# "VMCOREINFO", n_type 0, text "KEY=VALUE\n" lines starting with OSRELEASE=.
+VMCOREINFO_NOTE_NAME = b"VMCOREINFO"
+
+MSR_KERNEL_GS_BASE = 0xC0000102
+
+# ELF64 headers, for building synthetic cores and vmcores (reading uses
+# pyelftools).
 Elf64_Ehdr = Struct(
     "e_ident" / Bytes(16), "e_type" / Int16ul, "e_machine" / Int16ul,
     "e_version" / Int32ul, "e_entry" / Int64ul, "e_phoff" / Int64ul, "e_shoff" / Int64ul,

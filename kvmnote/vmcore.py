@@ -1,0 +1,502 @@
+"""Turn a crashed VMM's core into a guest vmcore (the format of QEMU's dump-guest-memory).
+
+The output is what `crash`, `gdb` and `drgn` open: an ELF64 ET_CORE file whose PT_NOTE
+program header comes first, holding one CORE/NT_PRSTATUS per guest CPU (pr_pid = CPU + 1),
+then one QEMU note (QEMUCPUState) per CPU, then the guest kernel's VMCOREINFO; and one
+PT_LOAD per guest RAM slot with p_paddr = p_vaddr = guest-physical address.
+"""
+
+import os
+import stat
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import schema as S
+from .core import Core, open_core
+from .errors import CompressedError, KvmnoteError, MissingDataError
+from .notes import Vcpu, Vm
+
+PAGE = 4096
+CHUNK = 1 << 18
+ZERO_CHUNK = bytes(CHUNK)
+ZERO_PAGE = bytes(PAGE)
+# Largest VMCOREINFO accepted (the kernel's is at most one page).
+VMCOREINFO_MAX = 8192
+PT_LOAD, PT_NOTE, ET_CORE, EM_X86_64 = 1, 4, 4, 62
+
+Progress = Callable[[int, int], None]
+NOT_DUMPED = "not dumped (p_filesz < p_memsz: MADV_DONTDUMP, or memory the VMM never touched)"
+
+
+@dataclass
+class Missing:
+    """A guest-physical range the core does not hold, and why."""
+
+    gpa: int
+    size: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.gpa:#x}-{self.gpa + self.size - 1:#x} ({self.size} bytes): {self.reason}"
+
+
+@dataclass
+class Result:
+    """What `write_vmcore` wrote: CPUs, RAM ranges, and what is missing or odd."""
+
+    cpus: list[tuple[int, int]]           # (guest CPU number, vcpu_id)
+    ram: list[tuple[int, int]]            # (gpa, size) of each PT_LOAD
+    missing: list[Missing] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    stateless: list[int] = field(default_factory=list)   # CPUs written with zero registers
+    vmcoreinfo: str | None = None         # "guest RAM at 0x...", "given", or None
+
+    @property
+    def complete(self) -> bool:
+        """True when every guest RAM byte and every CPU's state was written."""
+        return not self.missing and not self.stateless
+
+
+def parse_cpu_map(text: str) -> dict[int, int]:
+    """`VCPU_ID=CPU,...` (as given to --cpu-map) as {vcpu_id: cpu}."""
+    out: dict[int, int] = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        key, sep, val = item.partition("=")
+        try:
+            vcpu_id, cpu = int(key, 0), int(val, 0)
+        except ValueError:
+            raise KvmnoteError(f"--cpu-map: {item!r} is not VCPU_ID=CPU") from None
+        if not sep or vcpu_id < 0 or cpu < 0:
+            raise KvmnoteError(f"--cpu-map: {item!r} is not VCPU_ID=CPU")
+        if vcpu_id in out:
+            raise KvmnoteError(f"--cpu-map: vcpu_id {vcpu_id} given twice")
+        out[vcpu_id] = cpu
+    return out
+
+
+def select_vm(core: Core, vm_index: int | None) -> Vm:
+    """The VM to convert: the only one, or the one with `vm_index`."""
+    if not core.vms:
+        raise KvmnoteError(f"{core.path}: vCPU notes but no VM note (no memslot map)")
+    if vm_index is None:
+        if len(core.vms) > 1:
+            raise KvmnoteError(f"{core.path}: {len(core.vms)} VMs in this core "
+                               f"(vm_index {sorted(v.vm_index for v in core.vms)}): "
+                               f"choose one with --vm N")
+        return core.vms[0]
+    for vm in core.vms:
+        if vm.vm_index == vm_index:
+            return vm
+    raise KvmnoteError(f"{core.path}: no VM with vm_index {vm_index} "
+                       f"(have {sorted(v.vm_index for v in core.vms)})")
+
+
+def assign_cpus(vcpus: list[Vcpu], cpu_map: dict[int, int] | None) -> list[tuple[int, Vcpu]]:
+    """(guest CPU number, vCPU) in CPU order: by vcpu_id, or as `cpu_map` says."""
+    by_id = {v.vcpu_id: v for v in vcpus}
+    if cpu_map is None:
+        return list(enumerate(by_id[i] for i in sorted(by_id)))
+    unknown = sorted(set(cpu_map) - set(by_id))
+    unmapped = sorted(set(by_id) - set(cpu_map))
+    if unknown or unmapped:
+        raise KvmnoteError(f"--cpu-map must map exactly the vcpu_ids {sorted(by_id)}"
+                           + (f"; unknown {unknown}" if unknown else "")
+                           + (f"; unmapped {unmapped}" if unmapped else ""))
+    if len(set(cpu_map.values())) != len(cpu_map):
+        raise KvmnoteError("--cpu-map gives two vCPUs the same CPU number")
+    return sorted((cpu, by_id[vid]) for vid, cpu in cpu_map.items())
+
+
+def _seg_flags(seg: dict[str, int]) -> int:
+    """kvm_segment attributes as QEMU's SegmentCache.flags (target/i386/kvm/kvm.c get_seg)."""
+    return (seg["type"] << S.DESC_TYPE_SHIFT | seg["s"] << S.DESC_S_SHIFT
+            | seg["dpl"] << S.DESC_DPL_SHIFT
+            | int(bool(seg["present"]) and not seg["unusable"]) << S.DESC_P_SHIFT
+            | seg["avl"] << S.DESC_AVL_SHIFT | seg["l"] << S.DESC_L_SHIFT
+            | seg["db"] << S.DESC_B_SHIFT | seg["g"] << S.DESC_G_SHIFT)
+
+
+def prstatus_desc(cpu: int, vcpu: Vcpu | None) -> bytes:
+    """NT_PRSTATUS of guest CPU `cpu` as QEMU writes it (zeros but pr_pid without state)."""
+    st = S.zeroed(S.elf_prstatus)
+    st["pr_pid"] = cpu + 1
+    if vcpu is not None:
+        regs, sregs = vcpu.records["regs"], vcpu.records["sregs"]
+        reg = st["pr_reg"]
+        for name in S.USER_REGS:
+            if name in regs:
+                reg[name] = regs[name]
+        reg.update(eflags=regs["rflags"], orig_rax=0,
+                   fs_base=sregs["fs"]["base"], gs_base=sregs["gs"]["base"],
+                   **{s: sregs[s]["selector"] for s in ("cs", "ss", "ds", "es", "fs", "gs")})
+    return S.elf_prstatus.build(st)
+
+
+def qemu_desc(vcpu: Vcpu | None) -> bytes:
+    """The QEMU note's QEMUCPUState (version 1, with kernel_gs_base) of a vCPU."""
+    st = S.zeroed(S.QEMUCPUState)
+    st.update(version=S.QEMUCPUSTATE_VERSION, size=S.size(S.QEMUCPUState))
+    if vcpu is not None:
+        regs, sregs = vcpu.records["regs"], vcpu.records["sregs"]
+        st.update({k: v for k, v in regs.items() if k in st})
+        for name in ("cs", "ds", "es", "fs", "gs", "ss", "ldt", "tr"):
+            seg = sregs[name]
+            st[name] = {"selector": seg["selector"], "limit": seg["limit"],
+                        "flags": _seg_flags(seg), "pad": 0, "base": seg["base"]}
+        for name in ("gdt", "idt"):  # QEMU keeps base and limit only
+            st[name] = {"selector": 0, "limit": sregs[name]["limit"], "flags": 0, "pad": 0,
+                        "base": sregs[name]["base"]}
+        st["cr"] = [sregs["cr0"], 0, sregs["cr2"], sregs["cr3"], sregs["cr4"]]
+        msrs = {m["index"]: m["data"] for m in vcpu.records.get("msrs", [])}
+        st["kernel_gs_base"] = msrs.get(S.MSR_KERNEL_GS_BASE, 0)
+    return S.QEMUCPUState.build(st)
+
+
+def clean_vmcoreinfo(text: bytes) -> bytes:
+    """VMCOREINFO text without CRASHTIME (drgn then takes registers from NT_PRSTATUS)."""
+    text = text.rstrip(b"\0")
+    lines = [ln for ln in text.split(b"\n") if not ln.startswith(b"CRASHTIME=")]
+    return b"\n".join(lines)
+
+
+def _valid_vmcoreinfo(desc: bytes) -> bool:
+    """Plausible VMCOREINFO text: OSRELEASE= first, printable KEY=VALUE lines."""
+    text = desc.rstrip(b"\0")
+    if not text.startswith(b"OSRELEASE=") or not text.isascii():
+        return False
+    return all(b"=" in ln for ln in text.split(b"\n") if ln)
+
+
+def read_vmcoreinfo_file(path: str) -> bytes:
+    """VMCOREINFO from a file: its text, or a whole VMCOREINFO ELF note."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(VMCOREINFO_MAX + 64)
+    except OSError as e:
+        raise KvmnoteError(f"--vmcoreinfo {path}: {e.strerror}") from None
+    if data[12:24] == S.VMCOREINFO_NOTE_NAME + b"\0\0":
+        data = data[24:24 + int.from_bytes(data[4:8], "little")]
+    if len(data) > VMCOREINFO_MAX or not _valid_vmcoreinfo(data):
+        raise KvmnoteError(f"--vmcoreinfo {path}: not VMCOREINFO text "
+                           f"(expected KEY=VALUE lines starting with OSRELEASE=)")
+    return data
+
+
+class VmcoreinfoScanner:
+    """Find the kernel's VMCOREINFO ELF note in guest RAM fed in ascending order.
+
+    Linux (since 4.13) allocates the note with alloc_pages_exact(), so only page starts
+    are looked at: a check per page instead of a search of every byte.
+    """
+
+    HEAD = (len(S.VMCOREINFO_NOTE_NAME) + 1).to_bytes(4, "little")       # n_namesz
+    NAME = bytes(4) + S.VMCOREINFO_NOTE_NAME + b"\0\0OSRELEASE="       # n_type 0, name
+
+    def __init__(self) -> None:
+        self.found: tuple[int, bytes] | None = None      # (gpa of the note, desc)
+        self._partial: tuple[int, bytes, int] | None = None
+
+    def feed(self, gpa: int, data: bytes | bytearray) -> None:
+        """Scan `data` at guest-physical `gpa` (page-aligned pieces, ascending)."""
+        if self.found is not None:
+            return
+        if self._partial is not None:           # a note whose text goes on here
+            at, note, descsz = self._partial
+            self._partial = None
+            if at + len(note) == gpa:
+                self._check(at, note + bytes(data[:24 + descsz - len(note)]), descsz)
+                if self.found is not None or self._partial is not None:
+                    return
+        for p in range(-gpa % PAGE, len(data), PAGE):
+            if data.startswith(self.HEAD, p) and data.startswith(self.NAME, p + 8):
+                descsz = int.from_bytes(data[p + 4:p + 8], "little")
+                if 10 < descsz <= VMCOREINFO_MAX:
+                    self._check(gpa + p, bytes(data[p:p + 24 + descsz]), descsz)
+                    if self.found is not None or self._partial is not None:
+                        return
+
+    def _check(self, gpa: int, note: bytes, descsz: int) -> None:
+        """Accept a complete, valid note; remember an incomplete one."""
+        if len(note) < 24 + descsz:
+            self._partial = (gpa, note, descsz)
+        elif _valid_vmcoreinfo(note[24:]):
+            self.found = (gpa, note[24:])
+
+
+def _note(name: bytes, ntype: int, desc: bytes) -> bytes:
+    """One ELF note."""
+    return S.build_note(name, ntype, desc)
+
+
+def _pieces(core: Core, uaddr: int, size: int) -> Iterator[tuple[int, int, int | None, str]]:
+    """(uaddr, size, file offset or None, why absent) of a host range, per PT_LOAD."""
+    end = uaddr + size
+    for ld in core.loads:
+        if ld.vaddr + ld.memsz <= uaddr:
+            continue
+        if ld.vaddr >= end:
+            break
+        if ld.vaddr > uaddr:
+            yield uaddr, ld.vaddr - uaddr, None, "not in the core (no PT_LOAD)"
+            uaddr = ld.vaddr
+        stop = min(end, ld.vaddr + ld.memsz)
+        dumped = min(stop, ld.vaddr + ld.filesz)
+        if dumped > uaddr:
+            yield uaddr, dumped - uaddr, ld.offset + uaddr - ld.vaddr, ""
+            uaddr = dumped
+        if stop > uaddr:
+            yield uaddr, stop - uaddr, None, NOT_DUMPED
+            uaddr = stop
+    if end > uaddr:
+        yield uaddr, end - uaddr, None, "not in the core (no PT_LOAD)"
+
+
+class _Reader:
+    """Core bytes by (address, file offset): plain files with pread (holes skipped)."""
+
+    def __init__(self, core: Core) -> None:
+        self.core = core
+        self.fd = os.open(core.path, os.O_RDONLY) if core.compression is None else -1
+        self.size = os.fstat(self.fd).st_size if self.fd >= 0 else 0
+        self.buf = bytearray(CHUNK)   # reused: no allocation (and page faults) per chunk
+
+    def close(self) -> None:
+        """Close the plain file."""
+        if self.fd >= 0:
+            os.close(self.fd)
+
+    def read(self, uaddr: int, foff: int, n: int) -> bytes | bytearray:
+        """Up to `n` (<= CHUNK) bytes, valid until the next call; fewer only where the
+        core file ends (truncated core)."""
+        if self.fd < 0:
+            return self._read_compressed(uaddr, n)
+        n = max(0, min(n, self.size - foff))
+        try:
+            data_at = os.lseek(self.fd, foff, os.SEEK_DATA)
+        except OSError:       # ENXIO: only a hole up to the end of the file
+            data_at = self.size
+        if data_at >= foff + n:
+            return ZERO_CHUNK if n == CHUNK else bytes(n)
+        got = os.preadv(self.fd, [memoryview(self.buf)[:n]], foff)
+        return self.buf if got == CHUNK else self.buf[:got]
+
+    def _read_compressed(self, uaddr: int, n: int) -> bytes:
+        """Through kvmnote.core (decompressing); on a cut, the pages before it."""
+        try:
+            return self.core.read(uaddr, n)
+        except (MissingDataError, CompressedError):
+            pass
+        out = bytearray()
+        for p in range(0, n, PAGE):
+            try:
+                out += self.core.read(uaddr + p, min(PAGE, n - p))
+            except (MissingDataError, CompressedError):
+                break
+        return bytes(out)
+
+
+class _Writer:
+    """Sparse output: data written with pwrite, all-zero pages left as holes."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def write(self, offset: int, data: bytes | bytearray) -> None:
+        """Write `data` at `offset`, skipping its all-zero pages."""
+        if data == ZERO_CHUNK[:len(data)]:
+            return
+        if data.find(ZERO_PAGE) < 0:       # no zero page possible: one write, no loop
+            os.pwrite(self.fd, data, offset)
+            return
+        run = -1
+        for p in range(0, len(data), PAGE):
+            zero = data.startswith(ZERO_PAGE[:len(data) - p], p, p + PAGE)
+            if zero and run >= 0:
+                os.pwrite(self.fd, memoryview(data)[run:p], offset + run)
+                run = -1
+            elif not zero and run < 0:
+                run = p
+        if run >= 0:
+            os.pwrite(self.fd, memoryview(data)[run:], offset + run)
+
+
+def _copy_ram(core: Core, slots: list[tuple[int, int, int]], offsets: list[int],
+              out: _Writer, scan: VmcoreinfoScanner | None,
+              progress: Progress | None) -> list[Missing]:
+    """Copy each slot's bytes to its file offset; return what the core lacks."""
+    missing: list[Missing] = []
+    total, done = sum(s[1] for s in slots), 0
+
+    def lack(gpa: int, n: int, why: str) -> None:
+        last = missing[-1] if missing else None
+        if last and last.gpa + last.size == gpa and last.reason == why:
+            last.size += n
+        else:
+            missing.append(Missing(gpa, n, why))
+
+    reader = _Reader(core)
+    try:
+        for (gpa, size, uaddr), base in zip(slots, offsets):
+            for ua, n, foff, why in _pieces(core, uaddr, size):
+                g = gpa + ua - uaddr
+                if foff is None:
+                    lack(g, n, why)
+                    done += n
+                    continue
+                for pos in range(0, n, CHUNK):
+                    step = min(CHUNK, n - pos)
+                    data = reader.read(ua + pos, foff + pos, step)
+                    out.write(base + g - gpa + pos, data)
+                    if scan:
+                        scan.feed(g + pos, data)
+                    if len(data) < step:
+                        lack(g + pos + len(data), step - len(data),
+                             "cut off: the core file ends before it (truncated core)")
+                    if progress:
+                        progress(done + pos + step, total)
+                done += n
+    finally:
+        reader.close()
+    return missing
+
+
+def _ram_slots(core: Core, vm: Vm) -> list[tuple[int, int, int]]:
+    """(gpa, size, userspace_addr) of the VM's as_id 0 memslots, by gpa."""
+    slots = sorted((m["guest_phys_addr"], m["memory_size"], m["userspace_addr"])
+                   for m in vm.memslots if m["as_id"] == 0 and m["memory_size"])
+    if not slots:
+        raise KvmnoteError(f"{core.path}: VM {vm.vm_index} has no memslots "
+                           f"(no guest RAM to write)")
+    return slots
+
+
+def _cpu_notes(cpus: list[tuple[int, Vcpu]], allow_partial: bool, result: Result) -> bytes:
+    """All NT_PRSTATUS notes, then all QEMU notes, in CPU order."""
+    states: list[tuple[int, Vcpu | None]] = []
+    for cpu, v in cpus:
+        ok = v.info["status"] & S.KVM_CORE_VCPU_VALID and "regs" in v.records \
+            and "sregs" in v.records
+        if not ok:
+            flags = [n for b, n in S.STATUS_NAMES.items() if v.info["status"] & b]
+            err = S.ERROR_NAMES.get(v.info["error"], "")
+            what = (f"vCPU {v.vcpu_id} (CPU {cpu}) has no state in the core "
+                    f"(status {','.join(flags) or 'none'}{', error ' + err if err else ''})")
+            if not allow_partial:
+                raise KvmnoteError(f"{what}; --allow-partial writes zero registers for it")
+            result.warnings.append(f"{what}: its registers are written as zeros")
+            result.stateless.append(cpu)
+        states.append((cpu, v if ok else None))
+    return (b"".join(_note(b"CORE", S.NT_PRSTATUS, prstatus_desc(c, v)) for c, v in states)
+            + b"".join(_note(S.QEMU_NOTE_NAME, 0, qemu_desc(v)) for _, v in states))
+
+
+def _open_output(path: str, core_path: str, force: bool) -> int:
+    """Create the output file; refuse the input itself, or an existing file without force."""
+    st_in = os.stat(core_path)
+    try:
+        st_out: os.stat_result | None = os.stat(path)
+    except FileNotFoundError:
+        st_out = None
+    if st_out is not None:
+        if (st_out.st_dev, st_out.st_ino) == (st_in.st_dev, st_in.st_ino):
+            raise KvmnoteError(f"{path}: is the input core itself; refusing to write onto it")
+        if not force:
+            raise KvmnoteError(f"{path}: exists; use --force to overwrite it")
+        if not stat.S_ISREG(st_out.st_mode):
+            raise KvmnoteError(f"{path}: not a regular file; refusing to overwrite it")
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if force else os.O_EXCL)
+    try:
+        return os.open(path, flags, 0o600)
+    except OSError as e:
+        raise KvmnoteError(f"{path}: cannot create: {e.strerror}") from None
+
+
+def write_vmcore(core_path: str, out_path: str, *, vm_index: int | None = None,
+                 cpu_map: dict[int, int] | None = None, vmcoreinfo: bytes | None = None,
+                 allow_partial: bool = False, force: bool = False,
+                 progress: Progress | None = None) -> Result:
+    """Convert VMM core `core_path` into guest vmcore `out_path`; see the module doc."""
+    with open_core(core_path) as core:
+        vm = select_vm(core, vm_index)
+        slots = _ram_slots(core, vm)
+        if not vm.vcpus:
+            raise KvmnoteError(f"{core.path}: VM {vm.vm_index} has no vCPU notes")
+        cpus = assign_cpus(vm.vcpus, cpu_map)
+        result = Result([(c, v.vcpu_id) for c, v in cpus], [(g, s) for g, s, _ in slots])
+        cpu_notes = _cpu_notes(cpus, allow_partial, result)
+        info_room = len(_note(S.VMCOREINFO_NOTE_NAME, 0,
+                              vmcoreinfo if vmcoreinfo is not None else bytes(VMCOREINFO_MAX)))
+        phoff = S.size(S.Elf64_Ehdr)
+        notes_off = phoff + S.size(S.Elf64_Phdr) * (1 + len(slots))
+        data_off = S.align(notes_off + len(cpu_notes) + info_room, PAGE)
+        offsets, off = [], data_off
+        for _, size, _ in slots:
+            offsets.append(off)
+            off += size
+        fd = _open_output(out_path, core_path, force)
+        done = False
+        try:
+            os.ftruncate(fd, off)
+            scan = VmcoreinfoScanner() if vmcoreinfo is None else None
+            result.missing = _copy_ram(core, slots, offsets, _Writer(fd), scan, progress)
+            if vmcoreinfo is not None:
+                result.vmcoreinfo = "given"
+            elif scan and scan.found:
+                vmcoreinfo = scan.found[1]
+                result.vmcoreinfo = f"guest RAM at {scan.found[0]:#x}"
+            else:
+                result.warnings.append("no VMCOREINFO note found in guest RAM (drgn needs "
+                                       "one: give it with --vmcoreinfo FILE)")
+            notes = cpu_notes
+            if vmcoreinfo is not None:
+                notes += _note(S.VMCOREINFO_NOTE_NAME, 0, clean_vmcoreinfo(vmcoreinfo))
+            os.pwrite(fd, _headers(slots, offsets, notes_off, len(notes)) + notes, 0)
+            done = True
+        except OSError as e:    # ENOSPC, EIO, EFBIG...
+            raise KvmnoteError(f"{out_path}: cannot write: {e.strerror}") from None
+        finally:
+            os.close(fd)
+            if not done:
+                os.unlink(out_path)
+    return result
+
+
+def _headers(slots: list[tuple[int, int, int]], offsets: list[int], notes_off: int,
+             notes_size: int) -> bytes:
+    """ELF header and program headers: PT_NOTE first, then one PT_LOAD per slot."""
+    ehdr = S.Elf64_Ehdr.build({
+        "e_ident": b"\x7fELF\x02\x01\x01".ljust(16, b"\0"), "e_type": ET_CORE,
+        "e_machine": EM_X86_64, "e_version": 1, "e_entry": 0,
+        "e_phoff": S.size(S.Elf64_Ehdr), "e_shoff": 0, "e_flags": 0,
+        "e_ehsize": S.size(S.Elf64_Ehdr), "e_phentsize": S.size(S.Elf64_Phdr),
+        "e_phnum": 1 + len(slots), "e_shentsize": 0, "e_shnum": 0, "e_shstrndx": 0})
+    ph = [S.Elf64_Phdr.build({"p_type": PT_NOTE, "p_flags": 0, "p_offset": notes_off,
+                              "p_vaddr": 0, "p_paddr": 0, "p_filesz": notes_size,
+                              "p_memsz": notes_size, "p_align": 0})]
+    for (gpa, size, _), off in zip(slots, offsets):
+        ph.append(S.Elf64_Phdr.build({"p_type": PT_LOAD, "p_flags": 0, "p_offset": off,
+                                      "p_vaddr": gpa, "p_paddr": gpa, "p_filesz": size,
+                                      "p_memsz": size, "p_align": 0}))
+    return ehdr + b"".join(ph)
+
+
+def tty_progress(stream: Any = sys.stderr) -> Progress | None:
+    """A progress bar on `stream` when it is a terminal, else None (quiet)."""
+    if not stream.isatty():
+        return None
+    last = [-1]
+
+    def show(done: int, total: int) -> None:
+        pct = 100 * done // max(total, 1)
+        if pct != last[0]:
+            last[0] = pct
+            bar = "#" * (pct // 4)
+            stream.write(f"\rkvmnote: [{bar:<25}] {pct:3d}% of {total / 2**20:.0f} MiB")
+            if done >= total:
+                stream.write("\n")
+            stream.flush()
+    return show
+
+
