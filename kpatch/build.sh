@@ -109,8 +109,10 @@ make_config() {
 		done
 		make -s -C "$tree" O="$out" olddefconfig >/dev/null
 	done
-	# Every requested option must have survived olddefconfig.
-	cat "${frag[@]}" | grep -E '^CONFIG_' | while IFS= read -r line; do
+	# Every requested option (the last value given for it) must have
+	# survived olddefconfig.
+	cat "${frag[@]}" | grep -E '^CONFIG_' | tac | awk -F= '!seen[$1]++' |
+	while IFS= read -r line; do
 		case "$line" in
 		*=n) if grep -q "^${line%=n}=[ym]" "$out/.config"; then die "$name: ${line%=n} still set"; fi ;;
 		*) if ! grep -qx "$line" "$out/.config"; then die "$name: $line did not stick"; fi ;;
@@ -140,6 +142,20 @@ if [ "$print_only" = 1 ]; then
 		echo "$name $(result_dir "$name")/bzImage"
 	done
 	exit 0
+fi
+
+# Nothing to do when every result is cached: don't queue behind a build.
+if [ "$checkpatch" = 0 ] && [ "$bisect" = 0 ]; then
+	cached=1
+	for name in "${configs[@]}"; do
+		[ -f "$(result_dir "$name")/bzImage" ] || cached=0
+	done
+	if [ "$cached" = 1 ]; then
+		for name in "${configs[@]}"; do
+			echo "$name $(result_dir "$name")/bzImage"
+		done
+		exit 0
+	fi
 fi
 
 mkdir -p "$cache"
