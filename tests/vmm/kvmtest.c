@@ -33,9 +33,9 @@
  * is read-only; there are holes between them. */
 const struct slot_def slot_defs[NR_SLOTS] = {
 	{ 0, 0,			0x0,		0x10000 },
-	{ 1, 0,			0x100000,	0x10000 },
-	{ 2, KVM_MEM_READONLY,	0x200000,	0x8000 },
-	{ 5, 0,			0x10000000,	0x4000 },
+	{ 1, 0,			0x100000,	0x4000 },
+	{ 2, KVM_MEM_READONLY,	0x200000,	0x2000 },
+	{ 5, 0,			0x10000000,	0x1000 },
 };
 
 void die(const char *fmt, ...)
