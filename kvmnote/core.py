@@ -1,0 +1,389 @@
+"""Open a VMM core file (plain or compressed), read its notes and its memory."""
+
+import bisect
+import io
+import lzma
+import os
+import stat
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO
+
+import lz4.frame
+import zstandard
+from elftools.common.exceptions import ELFError
+from elftools.elf.elffile import ELFFile
+
+from . import schema as S
+from .errors import (CompressedError, CorruptNoteError, KvmnoteError, MissingDataError,
+                     NoKvmNotesError, NotCoreError, NotElfError, TruncatedError)
+from .notes import Vcpu, Vm, parse_desc
+
+ELF_MAGIC = b"\x7fELF"
+COMPRESSION_MAGIC = {b"\x28\xb5\x2f\xfd": "zstd", b"\x04\x22\x4d\x18": "lz4",
+                     b"\xfd7zXZ\x00": "xz"}
+# Largest PT_NOTE total kvmnote accepts (a 1024-vCPU VM needs about 20 MiB).
+MAX_NOTES = 1 << 30
+# Decompressed head of a compressed core kept in memory (headers and notes).
+HEAD_MAX = 64 << 20
+CHUNK = 1 << 16
+
+
+def _decompressor(kind: str) -> Callable[[bytes], tuple[bytes, bool, bytes]]:
+    """A per-frame decompress(data) -> (output, frame ended, unused input)."""
+    if kind == "zstd":
+        obj: Any = zstandard.ZstdDecompressor().decompressobj()
+    elif kind == "lz4":
+        obj = lz4.frame.LZ4FrameDecompressor()
+    else:
+        obj = lzma.LZMADecompressor(format=lzma.FORMAT_XZ)
+
+    def step(data: bytes) -> tuple[bytes, bool, bytes]:
+        out = obj.decompress(data)
+        return out, obj.eof, obj.unused_data if obj.eof else b""
+    return step
+
+
+def _chunks(path: str, kind: str) -> Iterator[bytes]:
+    """Decompressed blocks of a multi-frame stream; raise if it is corrupt or cut."""
+    # zstd and lz4 can expand a small input enormously (sparse, zero-filled
+    # cores), so feed little at a time to bound memory.
+    feed = 256 if kind in ("zstd", "lz4") else 4096
+    try:
+        with open(path, "rb") as f:
+            step, pending, in_frame = _decompressor(kind), b"", False
+            while True:
+                data = pending or f.read(feed)
+                pending = b""
+                if not data:
+                    if in_frame:
+                        raise CompressedError(f"{path}: {kind} stream ends early "
+                                              f"(truncated compressed core)")
+                    return
+                out, ended, pending = step(data)
+                in_frame = not ended
+                if ended:
+                    step = _decompressor(kind)
+                if out:
+                    yield out
+    except (zstandard.ZstdError, lzma.LZMAError, RuntimeError, EOFError, ValueError) as e:
+        raise CompressedError(f"{path}: corrupt {kind} stream: {e}") from None
+
+
+class _Source:
+    """Random access to the (decompressed) bytes of a core file."""
+
+    def __init__(self, path: str, kind: str | None) -> None:
+        self.path, self.kind = path, kind
+        self.size: int | None = None
+        if kind is None:
+            self.file: BinaryIO = open(path, "rb")
+            self.size = os.fstat(self.file.fileno()).st_size
+            return
+        self._kind = kind
+        self._head = bytearray()
+        self._gen = _chunks(path, kind)
+        self._tail_gen: Iterator[bytes] | None = None
+        self._tail_pos, self._tail_buf = 0, b""
+
+    def close(self) -> None:
+        """Release the file descriptor of a plain core."""
+        if self.kind is None:
+            self.file.close()
+
+    def pread(self, pos: int, n: int) -> bytes:
+        """Up to `n` bytes at `pos`; fewer only at the end of the data."""
+        if self.kind is None:
+            return os.pread(self.file.fileno(), n, pos) if pos < (self.size or 0) else b""
+        out = bytearray()
+        while n > 0:
+            got = self._head_read(pos, n) if pos < HEAD_MAX else self._tail_read(pos, n)
+            if not got:
+                break
+            out += got
+            pos, n = pos + len(got), n - len(got)
+        return bytes(out)
+
+    def _head_read(self, pos: int, n: int) -> bytes:
+        """Read from the cached head, decompressing more of it as needed."""
+        while len(self._head) < min(pos + n, HEAD_MAX):
+            chunk = next(self._gen, b"")
+            if not chunk:
+                break
+            self._head += chunk
+        return bytes(self._head[pos:min(pos + n, HEAD_MAX)])
+
+    def _tail_read(self, pos: int, n: int) -> bytes:
+        """Read past the head by decompressing forward (restarting to go back)."""
+        if self._tail_gen is None or pos < self._tail_pos:
+            self._tail_gen, self._tail_pos, self._tail_buf = _chunks(self.path, self._kind), 0, b""
+        while self._tail_pos + len(self._tail_buf) <= pos:
+            self._tail_pos += len(self._tail_buf)
+            self._tail_buf = next(self._tail_gen, b"")
+            if not self._tail_buf:
+                return b""
+        start = pos - self._tail_pos
+        return self._tail_buf[start:start + n]
+
+
+@dataclass
+class Thread:
+    """One NT_PRSTATUS: a thread's pid, signal and user registers."""
+
+    tid: int
+    cursig: int
+    regs: dict[str, int]
+
+
+@dataclass
+class Load:
+    """One PT_LOAD: process-virtual range and where its bytes are in the file."""
+
+    vaddr: int
+    memsz: int
+    offset: int
+    filesz: int
+    flags: int
+
+
+@dataclass
+class Core:
+    """An opened core file: process info, KVM VMs and vCPUs, and memory access."""
+
+    path: str
+    compression: str | None
+    pid: int | None = None
+    comm: str | None = None
+    signal: int | None = None
+    threads: list[Thread] = field(default_factory=list)
+    files: list[tuple[int, int, int, str]] = field(default_factory=list)
+    vms: list[Vm] = field(default_factory=list)
+    vcpus: list[Vcpu] = field(default_factory=list)
+    loads: list[Load] = field(default_factory=list)
+    _source: Any = None
+
+    def close(self) -> None:
+        """Close the underlying file."""
+        self._source.close()
+
+    def __enter__(self) -> "Core":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def read(self, vaddr: int, size: int) -> bytes:
+        """`size` bytes of process memory at `vaddr`; MissingDataError if absent."""
+        out = bytearray()
+        starts = [ld.vaddr for ld in self.loads]
+        while size > 0:
+            i = bisect.bisect_right(starts, vaddr) - 1
+            if i < 0 or vaddr >= self.loads[i].vaddr + self.loads[i].memsz:
+                raise MissingDataError(f"address {vaddr:#x} is not in any PT_LOAD")
+            ld = self.loads[i]
+            rel = vaddr - ld.vaddr
+            n = min(size, ld.memsz - rel)
+            if rel < ld.filesz:
+                n = min(n, ld.filesz - rel)
+                data = self._source.pread(ld.offset + rel, n)
+                if len(data) < n:
+                    raise MissingDataError(
+                        f"address {vaddr + len(data):#x} is cut off: the core file ends "
+                        f"inside the PT_LOAD at offset {ld.offset:#x} (truncated core)")
+                out += data
+            else:
+                out += bytes(n)  # p_filesz < p_memsz: the tail is not dumped, reads as 0
+            vaddr, size = vaddr + n, size - n
+        return bytes(out)
+
+    def guest_ranges(self, vm: int = 0) -> list[tuple[int, int, int]]:
+        """(guest_phys_addr, memory_size, userspace_addr) of VM `vm`'s as_id 0 slots."""
+        return sorted((m["guest_phys_addr"], m["memory_size"], m["userspace_addr"])
+                      for m in self.vms[vm].memslots if m["as_id"] == 0)
+
+    def read_guest_phys(self, gpa: int, size: int, vm: int = 0) -> bytes:
+        """`size` bytes of guest-physical memory of VM `vm`, via its memslots."""
+        out = bytearray()
+        while size > 0:
+            for base, length, uaddr in self.guest_ranges(vm):
+                if base <= gpa < base + length:
+                    n = min(size, base + length - gpa)
+                    out += self.read(uaddr + gpa - base, n)
+                    gpa, size = gpa + n, size - n
+                    break
+            else:
+                raise MissingDataError(f"guest-physical address {gpa:#x} is in no memslot")
+        return bytes(out)
+
+
+def _kind(path: str) -> str | None:
+    """Compression of the file by magic (None = plain); raise if not ELF at all."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            kind = "a directory" if os.path.isdir(path) else "not a regular file"
+            raise KvmnoteError(f"{path}: {kind}, not a core file")
+        with open(path, "rb") as f:
+            magic = f.read(6)
+    except FileNotFoundError:
+        raise KvmnoteError(f"{path}: no such file") from None
+    except OSError as e:
+        raise KvmnoteError(f"{path}: cannot read: {e.strerror}") from None
+    if magic.startswith(ELF_MAGIC):
+        return None
+    for prefix, kind in COMPRESSION_MAGIC.items():
+        if magic.startswith(prefix):
+            return kind
+    raise NotElfError(f"{path}: not an ELF file (nor a zstd/lz4/xz compressed one)")
+
+
+def _elf(src: _Source) -> ELFFile:
+    """pyelftools' view of the ELF and program headers of the core."""
+    head = src.pread(0, 64)
+    if not head.startswith(ELF_MAGIC):
+        raise NotElfError(f"{src.path}: not an ELF file (decompressed data)")
+    if len(head) < 64:
+        raise TruncatedError(f"{src.path}: truncated: ELF header cut off at {len(head)} bytes")
+    if head[4] != 2 or head[5] != 1:
+        raise NotCoreError(f"{src.path}: not a 64-bit little-endian ELF file")
+    phoff, phentsize, phnum = (int.from_bytes(head[32:40], "little"),
+                               int.from_bytes(head[54:56], "little"),
+                               int.from_bytes(head[56:58], "little"))
+    phend = phoff + phentsize * phnum
+    try:
+        if src.kind is None:
+            elf = ELFFile(src.file)
+        else:
+            elf = ELFFile(io.BytesIO(src.pread(0, min(phend, 16 << 20))))
+    except ELFError as e:
+        raise NotCoreError(f"{src.path}: bad ELF header: {e}") from None
+    if elf["e_type"] != "ET_CORE":
+        raise NotCoreError(f"{src.path}: ELF file but not a core dump "
+                           f"(e_type {elf['e_type']})")
+    if elf["e_machine"] != "EM_X86_64":
+        raise NotCoreError(f"{src.path}: core of {elf['e_machine']}, not x86-64")
+    if phnum and phentsize != S.size(S.Elf64_Phdr):
+        raise NotCoreError(f"{src.path}: e_phentsize {phentsize}, expected 56")
+    if src.size is not None and phend > src.size:
+        raise TruncatedError(f"{src.path}: truncated: program headers end at {phend}, "
+                             f"file has {src.size} bytes")
+    return elf
+
+
+def _segments(elf: ELFFile, path: str) -> list[Any]:
+    """Program headers (raw containers), errors as KvmnoteError."""
+    try:
+        return [elf.get_segment(i).header for i in range(elf.num_segments())]
+    except ELFError as e:
+        raise TruncatedError(f"{path}: truncated or bad program headers: {e}") from None
+
+
+def _notes(data: bytes, where: str) -> Iterator[tuple[bytes, int, bytes, int]]:
+    """(name, type, desc, offset) of each ELF note in a PT_NOTE segment's bytes."""
+    off = 0
+    while off + 12 <= len(data):
+        namesz, descsz, ntype = (int.from_bytes(data[off + i:off + i + 4], "little")
+                                 for i in (0, 4, 8))
+        dstart = off + 12 + S.align(namesz, 4)
+        dend = dstart + descsz
+        if dend > len(data):
+            raise CorruptNoteError(f"{where}: note at offset {off} (namesz {namesz}, "
+                                   f"descsz {descsz}) runs past the segment end ({len(data)})")
+        yield data[off + 12:off + 12 + namesz].rstrip(b"\0"), ntype, data[dstart:dend], off
+        off = S.align(dend, 4)
+
+
+def _c_string(raw: bytes) -> str:
+    """A NUL-terminated byte string as text."""
+    return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
+def _nt_file(desc: bytes, where: str) -> list[tuple[int, int, int, str]]:
+    """NT_FILE: (start, end, file_ofs, path) of each file-backed mapping."""
+    hsize, esize = S.size(S.nt_file_header), S.size(S.nt_file_entry)
+    if len(desc) < hsize:
+        raise CorruptNoteError(f"{where}: NT_FILE shorter than its header")
+    hdr = S.parse(S.nt_file_header, desc)
+    if hsize + hdr["count"] * esize > len(desc):
+        raise CorruptNoteError(f"{where}: NT_FILE count {hdr['count']} exceeds the note")
+    names = desc[hsize + hdr["count"] * esize:].split(b"\0")
+    out = []
+    for i in range(hdr["count"]):
+        e = S.parse(S.nt_file_entry, desc[hsize + i * esize:])
+        name = names[i].decode("utf-8", "replace") if i < len(names) else ""
+        out.append((e["start"], e["end"], e["file_ofs"] * hdr["page_size"], name))
+    return out
+
+
+def _standard_note(core: Core, ntype: int, desc: bytes, where: str) -> None:
+    """Record the process info of a CORE note kvmnote uses."""
+    def need(struct: Any) -> dict[str, Any]:
+        if len(desc) < S.size(struct):
+            raise CorruptNoteError(f"{where}: {len(desc)} bytes, shorter than "
+                                   f"{S.size(struct)}")
+        return S.parse(struct, desc)
+    if ntype == S.NT_PRSTATUS:
+        st = need(S.elf_prstatus)
+        core.threads.append(Thread(st["pr_pid"], st["pr_cursig"], st["pr_reg"]))
+    elif ntype == S.NT_PRPSINFO:
+        ps = need(S.elf_prpsinfo)
+        core.pid, core.comm = ps["pr_pid"], _c_string(ps["pr_fname"])
+    elif ntype == S.NT_SIGINFO:
+        core.signal = need(S.siginfo)["si_signo"]
+    elif ntype == S.NT_FILE:
+        core.files = _nt_file(desc, where)
+
+
+def open_core(path: str | os.PathLike[str], require_kvm: bool = True) -> Core:
+    """Open a core file and parse its notes; raises KvmnoteError for bad input."""
+    path = os.fspath(path)
+    src = _Source(path, _kind(path))
+    try:
+        return _parse(src, require_kvm)
+    except BaseException:
+        src.close()
+        raise
+
+
+def _parse(src: _Source, require_kvm: bool) -> Core:
+    """Read the headers and all PT_NOTE segments of `src` into a Core."""
+    core = Core(src.path, src.kind, _source=src)
+    elf = _elf(src)
+    phdrs = _segments(elf, src.path)
+    total = 0
+    for i, ph in enumerate(phdrs):
+        if ph["p_type"] == "PT_LOAD":
+            core.loads.append(Load(ph["p_vaddr"], ph["p_memsz"], ph["p_offset"],
+                                   ph["p_filesz"], ph["p_flags"]))
+        if ph["p_type"] != "PT_NOTE":
+            continue
+        where = f"{src.path}: PT_NOTE (program header {i}, file offset {ph['p_offset']})"
+        total += ph["p_filesz"]
+        if total > MAX_NOTES:
+            raise CorruptNoteError(f"{where}: implausible note size {ph['p_filesz']}")
+        end = ph["p_offset"] + ph["p_filesz"]
+        if src.size is not None and end > src.size:
+            raise TruncatedError(f"{where}: truncated: notes end at {end}, "
+                                 f"file has {src.size} bytes")
+        data = src.pread(ph["p_offset"], ph["p_filesz"])
+        if len(data) < ph["p_filesz"]:
+            raise TruncatedError(f"{where}: truncated: notes end at {end}, the "
+                                 f"decompressed core ends at {ph['p_offset'] + len(data)}")
+        for name, ntype, desc, off in _notes(data, where):
+            note_where = f"{where}: note at offset {off}"
+            if name == S.KVM_CORE_NOTE_NAME and ntype in (S.NT_KVM_VM, S.NT_KVM_VCPU):
+                obj = parse_desc(ntype, desc, note_where)
+                if isinstance(obj, Vm):
+                    core.vms.append(obj)
+                else:
+                    core.vcpus.append(obj)
+            elif name == b"CORE":
+                _standard_note(core, ntype, desc, note_where)
+    core.loads.sort(key=lambda ld: ld.vaddr)
+    if require_kvm and not core.vms and not core.vcpus:
+        raise NoKvmNotesError("no KVM notes: was this core written by a kernel with the "
+                              "kvmnote patches, and was the process a KVM VMM?")
+    by_index = {vm.vm_index: vm for vm in core.vms}
+    for vcpu in core.vcpus:
+        if vcpu.vm_index in by_index:
+            by_index[vcpu.vm_index].vcpus.append(vcpu)
+    return core

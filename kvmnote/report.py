@@ -1,0 +1,169 @@
+"""What `kvmnote read` shows: the kvmnote-read/1 JSON document and its text form."""
+
+from typing import Any
+
+from . import decode as D
+from .core import Core
+from .notes import Vcpu, Vm
+
+SCHEMA = "kvmnote-read/1"
+OMIT = frozenset({"reserved", "reserved2", "padding", "pad"})
+
+
+def _clean(obj: Any) -> Any:
+    """Drop reserved/padding fields, recursively."""
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items() if k not in OMIT}
+    if isinstance(obj, list):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def vm_json(vm: Vm) -> dict[str, Any]:
+    """A VM as kvmnote-read/1 JSON."""
+    return {**_clean(vm.info), "vendor": D.vendor(vm.info["vendor"]),
+            "memslots": _clean(vm.memslots)}
+
+
+def vcpu_json(vcpu: Vcpu) -> dict[str, Any]:
+    """A vCPU as kvmnote-read/1 JSON."""
+    r = vcpu.records
+    out: dict[str, Any] = {**_clean(vcpu.info), "vendor": D.vendor(vcpu.info["vendor"]),
+                           "status": D.status(vcpu.info["status"]),
+                           "error": D.error(vcpu.info["error"])}
+    for name in ("regs", "sregs", "debugregs", "events"):
+        if name in r:
+            out[name] = _clean(r[name])
+    if "mp_state" in r:
+        out["mp_state"] = r["mp_state"]["mp_state"]
+    if "xcrs" in r:
+        out["xcrs"] = [{"xcr": x["xcr"], "value": x["value"]}
+                       for x in r["xcrs"]["xcrs"][:r["xcrs"]["nr_xcrs"]]]
+    if "xsave" in r:
+        out["xsave"] = D.xsave(r["xsave"])
+    if "lapic" in r:
+        x2apic = bool(r.get("sregs", {}).get("apic_base", 0) >> 10 & 1)
+        out["lapic"] = {**D.lapic(r["lapic"], x2apic), "regs_hex": r["lapic"].hex()}
+    if "msrs" in r:
+        out["msrs"] = [{"index": m["index"], "name": D.MSR_NAMES.get(m["index"]),
+                        "value": m["data"]} for m in r["msrs"]]
+    if "vmx_exit" in r:
+        out["exit"] = {"type": "vmx", **_clean(r["vmx_exit"]),
+                       "reason_name": D.vmx_exit_reason(r["vmx_exit"]["exit_reason"])}
+    elif "svm_exit" in r:
+        out["exit"] = {"type": "svm", **_clean(r["svm_exit"]),
+                       "reason_name": D.svm_exit_code(r["svm_exit"]["exit_code"])}
+    out["unknown_records"] = [{"type": t, "size": s} for t, s in vcpu.unknown_records]
+    return out
+
+
+def signal(core: Core) -> int | None:
+    """The signal that killed the process (NT_SIGINFO, else NT_PRSTATUS)."""
+    if core.signal is not None:
+        return core.signal
+    return next((t.cursig for t in core.threads if t.cursig), None)
+
+
+def to_json(core: Core, vcpus: list[Vcpu]) -> dict[str, Any]:
+    """The whole kvmnote-read/1 document for `core`, listing `vcpus`."""
+    return {"schema": SCHEMA,
+            "core": {"path": core.path, "pid": core.pid, "comm": core.comm,
+                     "signal": signal(core)},
+            "vms": [vm_json(vm) for vm in core.vms],
+            "vcpus": [vcpu_json(v) for v in vcpus]}
+
+
+def _flags(value: int, names: dict[int, str]) -> str:
+    """`value` in hex with its decoded bit names."""
+    return f"{value:#x} [{' '.join(D.bits(value, names))}]"
+
+
+def text(core: Core, vcpus: list[Vcpu], full: bool) -> str:
+    """Human-readable report of the VMs and `vcpus`."""
+    doc = to_json(core, vcpus)
+    c = doc["core"]
+    out = [f"core {c['path']}: pid {c['pid']} comm {c['comm']} signal {c['signal']}"]
+    for vm in doc["vms"]:
+        out.append(f"\nVM {vm['vm_index']}: vendor {vm['vendor']}, {vm['nr_vcpus']} vCPUs, "
+                   f"vm_type {vm['vm_type']}, flags {vm['flags']:#x}, pid {vm['pid']}")
+        out.append(f"  {'slot':>5} {'as':>2} {'flags':<24} {'GPA range':<35} "
+                   f"{'size':>12}  userspace addr")
+        for m in vm["memslots"]:
+            end = m["guest_phys_addr"] + m["memory_size"]
+            out.append(f"  {m['slot']:>5} {m['as_id']:>2} "
+                       f"{','.join(D.bits(m['flags'], D.MEMSLOT_FLAGS)) or '-':<24} "
+                       f"{m['guest_phys_addr']:#018x}-{end:#018x} {m['memory_size']:>12}  "
+                       f"{m['userspace_addr']:#x}")
+    for v, raw in zip(doc["vcpus"], vcpus):
+        out += _vcpu_text(v, raw, full)
+    return "\n".join(out) + "\n"
+
+
+def _vcpu_text(v: dict[str, Any], raw: Vcpu, full: bool) -> list[str]:
+    """Text lines for one vCPU."""
+    out = [f"\nvCPU {v['vcpu_id']} (idx {v['vcpu_idx']}, VM {v['vm_index']}, "
+           f"{v['vendor']}): status {' '.join(v['status']) or '-'}"
+           + (f", error {v['error']}" if v["error"] else "") + f", tid {v['tid']}"]
+    regs, sregs = v.get("regs"), v.get("sregs")
+    if regs:
+        out.append(f"  RIP {regs['rip']:#018x}  RSP {regs['rsp']:#018x}  RFLAGS "
+                   f"{regs['rflags']:#x} [{' '.join(D.rflags(regs['rflags']))}]")
+        names = ["rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp",
+                 *(f"r{i}" for i in range(8, 16))]
+        for i in range(0, len(names), 4):
+            out.append("  " + "  ".join(f"{n.upper():>3} {regs[n]:#018x}"
+                                        for n in names[i:i + 4]))
+    if sregs:
+        mode, cpl = D.cpu_mode(sregs, regs["rflags"] if regs else 0)
+        out.append(f"  mode {mode}, CPL {cpl}")
+        out.append(f"  CR0 {_flags(sregs['cr0'], D.CR0)}  CR2 {sregs['cr2']:#x}  "
+                   f"CR3 {sregs['cr3']:#x}  CR8 {sregs['cr8']:#x}")
+        out.append(f"  CR4 {_flags(sregs['cr4'], D.CR4)}  EFER {_flags(sregs['efer'], D.EFER)}")
+        for s in ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt"):
+            seg = sregs[s]
+            out.append(f"  {s.upper():<3} sel {seg['selector']:#06x} base {seg['base']:#018x} "
+                       f"limit {seg['limit']:#010x} {D.segment_attrs(seg)}")
+        out.append(f"  GDT base {sregs['gdt']['base']:#018x} limit {sregs['gdt']['limit']:#x}"
+                   f"  IDT base {sregs['idt']['base']:#018x} limit {sregs['idt']['limit']:#x}")
+    if "exit" in v:
+        e = v["exit"]
+        code = e["exit_reason"] if e["type"] == "vmx" else e["exit_code"]
+        detail = (f"qualification {e['exit_qualification']:#x}" if e["type"] == "vmx"
+                  else f"info1 {e['exit_info_1']:#x} info2 {e['exit_info_2']:#x}")
+        out.append(f"  last exit ({e['type']}): {e['reason_name']} ({code:#x}), {detail}")
+    if v["unknown_records"]:
+        out.append("  unknown records: " + ", ".join(
+            f"type {u['type']} ({u['size']} bytes)" for u in v["unknown_records"]))
+    if full:
+        out += _full_text(v)
+    return out
+
+
+def _full_text(v: dict[str, Any]) -> list[str]:
+    """The --all extras: debug regs, events, mp_state, XCRs, XSAVE, LAPIC, MSRs."""
+    out = []
+    if "debugregs" in v:
+        d = v["debugregs"]
+        out.append("  DR0-3 " + " ".join(f"{x:#x}" for x in d["db"])
+                   + f"  DR6 {d['dr6']:#x}  DR7 {d['dr7']:#x}")
+    if "events" in v:
+        out.append("  events " + "; ".join(
+            f"{k} " + " ".join(f"{kk}={vv}" for kk, vv in val.items())
+            if isinstance(val, dict) else f"{k}={val}" for k, val in v["events"].items()))
+    if "mp_state" in v:
+        out.append(f"  mp_state {D.mp_state(v['mp_state'])} ({v['mp_state']})")
+    if "xcrs" in v:
+        out.append("  XCRs " + " ".join(f"XCR{x['xcr']}={x['value']:#x}" for x in v["xcrs"]))
+    if "xsave" in v:
+        x = v["xsave"]
+        out.append(f"  XSAVE {x['size']} bytes, XSTATE_BV {x['xstate_bv']:#x}, XCOMP_BV "
+                   f"{x['xcomp_bv']:#x}, MXCSR {x['mxcsr']:#x}, FCW {x['fcw']:#x}, "
+                   f"FSW {x['fsw']:#x}")
+    if "lapic" in v:
+        a = v["lapic"]
+        out.append(f"  LAPIC id {a['id']} version {a['version']:#x} TPR {a['tpr']:#x} "
+                   f"SVR {a['svr']:#x} LVT timer {a['lvt_timer']:#x} ISR {a['isr']} "
+                   f"IRR {a['irr']}")
+    for m in v.get("msrs", []):
+        out.append(f"  MSR {m['index']:#010x} {m['name'] or '?':<22} {m['value']:#x}")
+    return out

@@ -1,0 +1,332 @@
+"""The KVM core-note layout (asm/kvm_coredump.h and the KVM UAPI), defined once.
+
+Structs carry the C names and field names; the same definitions parse notes,
+build them (tests make synthetic cores with them) and export `layout()`.
+"""
+
+from functools import cache
+from typing import Any
+
+from construct import (Array, Bytes, Construct, Int8ul, Int16ul, Int32sl, Int32ul,
+                       Int64ul, Struct, this)
+
+# ELF note owner name and note types.
+KVM_CORE_NOTE_NAME = b"KVM"
+NT_KVM_VCPU = 0x4B564D43  # "KVMC"
+NT_KVM_VM = 0x4B564D56  # "KVMV"
+
+KVM_CORE_VERSION_MAJOR = 1
+KVM_CORE_VERSION_MINOR = 0
+
+# Record types.
+KVM_CORE_REC_VCPU = 1
+KVM_CORE_REC_REGS = 2
+KVM_CORE_REC_SREGS2 = 3
+KVM_CORE_REC_DEBUGREGS = 4
+KVM_CORE_REC_EVENTS = 5
+KVM_CORE_REC_MP_STATE = 6
+KVM_CORE_REC_XCRS = 7
+KVM_CORE_REC_XSAVE = 8
+KVM_CORE_REC_LAPIC = 9
+KVM_CORE_REC_MSRS = 10
+KVM_CORE_REC_VMX_EXIT = 11
+KVM_CORE_REC_SVM_EXIT = 12
+KVM_CORE_REC_VM = 16
+KVM_CORE_REC_MEMSLOTS = 17
+
+# Hardware virtualization extension of the host.
+KVM_CORE_VENDOR_UNKNOWN = 0
+KVM_CORE_VENDOR_VMX = 1
+KVM_CORE_VENDOR_SVM = 2
+VENDOR_NAMES = {KVM_CORE_VENDOR_VMX: "vmx", KVM_CORE_VENDOR_SVM: "svm"}
+
+# struct kvm_core_vcpu.status bits.
+KVM_CORE_VCPU_VALID = 1 << 0
+KVM_CORE_VCPU_PROTECTED = 1 << 1
+KVM_CORE_VCPU_UNREADABLE = 1 << 2
+KVM_CORE_VCPU_GUEST_MODE = 1 << 3
+KVM_CORE_VCPU_NEVER_RAN = 1 << 4
+STATUS_NAMES = {KVM_CORE_VCPU_VALID: "valid", KVM_CORE_VCPU_PROTECTED: "protected",
+                KVM_CORE_VCPU_UNREADABLE: "unreadable",
+                KVM_CORE_VCPU_GUEST_MODE: "guest_mode",
+                KVM_CORE_VCPU_NEVER_RAN: "never_ran"}
+
+# struct kvm_core_vcpu.error codes.
+KVM_CORE_ERR_NONE = 0
+KVM_CORE_ERR_BUSY = 1
+KVM_CORE_ERR_NOMEM = 2
+KVM_CORE_ERR_DISABLED = 3
+ERROR_NAMES = {KVM_CORE_ERR_BUSY: "busy", KVM_CORE_ERR_NOMEM: "nomem",
+               KVM_CORE_ERR_DISABLED: "disabled"}
+
+KVM_CORE_VMX_GPA_VALID = 1 << 0
+KVM_CORE_VM_PROTECTED = 1 << 0
+
+# Minimum size of the KVM_GET_XSAVE2 buffer (a struct kvm_xsave).
+KVM_XSAVE_MIN_SIZE = 4096
+KVM_APIC_REG_SIZE = 0x400
+KVM_MAX_XCRS = 16
+
+# Standard core-note types (owner "CORE"/"LINUX") that kvmnote reads.
+NT_PRSTATUS = 1
+NT_PRPSINFO = 3
+NT_SIGINFO = 0x53494749
+NT_FILE = 0x46494C45
+
+# --- KVM core-dump structs ------------------------------------------------
+
+kvm_core_header = Struct(
+    "major" / Int16ul, "minor" / Int16ul, "header_size" / Int16ul,
+    "record_header_size" / Int16ul, "size" / Int32ul, "nr_records" / Int32ul)
+
+kvm_core_record = Struct("type" / Int32ul, "size" / Int32ul)
+
+kvm_core_vcpu = Struct(
+    "vcpu_id" / Int32ul, "vcpu_idx" / Int32ul, "vm_index" / Int32ul, "vendor" / Int32ul,
+    "status" / Int32ul, "error" / Int32ul, "tid" / Int32sl, "reserved" / Int32ul)
+
+kvm_core_vmx_exit = Struct(
+    "exit_reason" / Int32ul, "flags" / Int32ul, "exit_qualification" / Int64ul,
+    "guest_linear_address" / Int64ul, "guest_physical_address" / Int64ul,
+    "exit_intr_info" / Int32ul, "exit_intr_error_code" / Int32ul,
+    "idt_vectoring_info" / Int32ul, "idt_vectoring_error_code" / Int32ul,
+    "instruction_len" / Int32ul, "instruction_info" / Int32ul,
+    "interruptibility_info" / Int32ul, "activity_state" / Int32ul,
+    "pending_dbg_exceptions" / Int64ul, "vm_instruction_error" / Int32ul,
+    "reserved" / Int32ul)
+
+kvm_core_svm_exit = Struct(
+    "exit_code" / Int64ul, "exit_info_1" / Int64ul, "exit_info_2" / Int64ul,
+    "exit_int_info" / Int32ul, "exit_int_info_err" / Int32ul, "int_ctl" / Int32ul,
+    "event_inj" / Int32ul, "event_inj_err" / Int32ul, "reserved" / Int32ul,
+    "int_state" / Int64ul)
+
+kvm_core_vm = Struct(
+    "vm_index" / Int32ul, "vendor" / Int32ul, "nr_vcpus" / Int32ul,
+    "nr_memslots" / Int32ul, "vm_type" / Int32ul, "flags" / Int32ul,
+    "pid" / Int32sl, "reserved" / Int32ul)
+
+kvm_core_memslot = Struct(
+    "as_id" / Int16ul, "reserved" / Int16ul, "slot" / Int32ul, "flags" / Int32ul,
+    "reserved2" / Int32ul, "guest_phys_addr" / Int64ul, "memory_size" / Int64ul,
+    "userspace_addr" / Int64ul)
+
+# --- KVM UAPI structs (arch/x86/include/uapi/asm/kvm.h, linux/kvm.h) ---------
+
+kvm_regs = Struct(*(name / Int64ul for name in (
+    "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", "r10",
+    "r11", "r12", "r13", "r14", "r15", "rip", "rflags")))
+
+kvm_segment = Struct(
+    "base" / Int64ul, "limit" / Int32ul, "selector" / Int16ul, "type" / Int8ul,
+    "present" / Int8ul, "dpl" / Int8ul, "db" / Int8ul, "s" / Int8ul, "l" / Int8ul,
+    "g" / Int8ul, "avl" / Int8ul, "unusable" / Int8ul, "padding" / Int8ul)
+
+kvm_dtable = Struct("base" / Int64ul, "limit" / Int16ul, "padding" / Array(3, Int16ul))
+
+SEGMENTS = ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")
+
+kvm_sregs2 = Struct(
+    *(name / kvm_segment for name in SEGMENTS),
+    "gdt" / kvm_dtable, "idt" / kvm_dtable,
+    *(name / Int64ul for name in ("cr0", "cr2", "cr3", "cr4", "cr8", "efer",
+                                   "apic_base", "flags")),
+    "pdptrs" / Array(4, Int64ul))
+
+kvm_debugregs = Struct(
+    "db" / Array(4, Int64ul), "dr6" / Int64ul, "dr7" / Int64ul, "flags" / Int64ul,
+    "reserved" / Array(9, Int64ul))
+
+kvm_vcpu_events = Struct(
+    "exception" / Struct("injected" / Int8ul, "nr" / Int8ul, "has_error_code" / Int8ul,
+                         "pending" / Int8ul, "error_code" / Int32ul),
+    "interrupt" / Struct("injected" / Int8ul, "nr" / Int8ul, "soft" / Int8ul,
+                         "shadow" / Int8ul),
+    "nmi" / Struct("injected" / Int8ul, "pending" / Int8ul, "masked" / Int8ul,
+                   "pad" / Int8ul),
+    "sipi_vector" / Int32ul, "flags" / Int32ul,
+    "smi" / Struct("smm" / Int8ul, "pending" / Int8ul, "smm_inside_nmi" / Int8ul,
+                   "latched_init" / Int8ul),
+    "triple_fault" / Struct("pending" / Int8ul),
+    "reserved" / Bytes(26), "exception_has_payload" / Int8ul,
+    "exception_payload" / Int64ul)
+
+kvm_mp_state = Struct("mp_state" / Int32ul)
+
+kvm_xcr = Struct("xcr" / Int32ul, "reserved" / Int32ul, "value" / Int64ul)
+
+kvm_xcrs = Struct(
+    "nr_xcrs" / Int32ul, "flags" / Int32ul, "xcrs" / Array(KVM_MAX_XCRS, kvm_xcr),
+    "padding" / Array(16, Int64ul))
+
+kvm_lapic_state = Struct("regs" / Bytes(KVM_APIC_REG_SIZE))
+
+kvm_msr_entry = Struct("index" / Int32ul, "reserved" / Int32ul, "data" / Int64ul)
+
+# Fixed part of struct kvm_msrs; `nmsrs` kvm_msr_entry follow.
+kvm_msrs_header = Struct("nmsrs" / Int32ul, "pad" / Int32ul)
+kvm_msrs = Struct("nmsrs" / Int32ul, "pad" / Int32ul,
+                  "entries" / Array(this.nmsrs, kvm_msr_entry))
+
+# First bytes of the XSAVE area that kvmnote decodes (legacy region + header).
+xsave_prefix = Struct(
+    "fcw" / Int16ul, "fsw" / Int16ul, "ftw" / Int8ul, "reserved" / Int8ul,
+    "fop" / Int16ul, "fip" / Int64ul, "fdp" / Int64ul, "mxcsr" / Int32ul,
+    "mxcsr_mask" / Int32ul, "legacy" / Bytes(480), "xstate_bv" / Int64ul,
+    "xcomp_bv" / Int64ul)
+
+# --- Standard x86-64 core notes (include/uapi/linux/elfcore.h) ------------
+
+USER_REGS = ("r15", "r14", "r13", "r12", "rbp", "rbx", "r11", "r10", "r9", "r8", "rax",
+             "rcx", "rdx", "rsi", "rdi", "orig_rax", "rip", "cs", "eflags", "rsp", "ss",
+             "fs_base", "gs_base", "ds", "es", "fs", "gs")
+
+user_regs_struct = Struct(*(name / Int64ul for name in USER_REGS))
+
+elf_prstatus = Struct(
+    "si_signo" / Int32sl, "si_code" / Int32sl, "si_errno" / Int32sl,
+    "pr_cursig" / Int16ul, "pad0" / Int16ul, "pr_sigpend" / Int64ul,
+    "pr_sighold" / Int64ul, "pr_pid" / Int32sl, "pr_ppid" / Int32sl,
+    "pr_pgrp" / Int32sl, "pr_sid" / Int32sl, "pr_utime" / Bytes(16),
+    "pr_stime" / Bytes(16), "pr_cutime" / Bytes(16), "pr_cstime" / Bytes(16),
+    "pr_reg" / user_regs_struct, "pr_fpvalid" / Int32sl, "pad1" / Int32ul)
+
+elf_prpsinfo = Struct(
+    "pr_state" / Int8ul, "pr_sname" / Int8ul, "pr_zomb" / Int8ul, "pr_nice" / Int8ul,
+    "pad0" / Int32ul, "pr_flag" / Int64ul, "pr_uid" / Int32ul, "pr_gid" / Int32ul,
+    "pr_pid" / Int32sl, "pr_ppid" / Int32sl, "pr_pgrp" / Int32sl, "pr_sid" / Int32sl,
+    "pr_fname" / Bytes(16), "pr_psargs" / Bytes(80))
+
+siginfo = Struct("si_signo" / Int32sl, "si_errno" / Int32sl, "si_code" / Int32sl)
+
+nt_file_header = Struct("count" / Int64ul, "page_size" / Int64ul)
+nt_file_entry = Struct("start" / Int64ul, "end" / Int64ul, "file_ofs" / Int64ul)
+
+# ELF64 headers, for building synthetic cores (reading uses pyelftools).
+Elf64_Ehdr = Struct(
+    "e_ident" / Bytes(16), "e_type" / Int16ul, "e_machine" / Int16ul,
+    "e_version" / Int32ul, "e_entry" / Int64ul, "e_phoff" / Int64ul, "e_shoff" / Int64ul,
+    "e_flags" / Int32ul, "e_ehsize" / Int16ul, "e_phentsize" / Int16ul,
+    "e_phnum" / Int16ul, "e_shentsize" / Int16ul, "e_shnum" / Int16ul,
+    "e_shstrndx" / Int16ul)
+Elf64_Phdr = Struct(
+    "p_type" / Int32ul, "p_flags" / Int32ul, "p_offset" / Int64ul, "p_vaddr" / Int64ul,
+    "p_paddr" / Int64ul, "p_filesz" / Int64ul, "p_memsz" / Int64ul, "p_align" / Int64ul)
+
+# --- Records -------------------------------------------------------------
+
+# Record type -> (JSON/attribute name, payload struct).  The struct is the
+# minimum payload; a longer payload (newer minor) is read by its prefix.
+RECORDS: dict[int, tuple[str, Construct]] = {
+    KVM_CORE_REC_VCPU: ("vcpu", kvm_core_vcpu),
+    KVM_CORE_REC_REGS: ("regs", kvm_regs),
+    KVM_CORE_REC_SREGS2: ("sregs", kvm_sregs2),
+    KVM_CORE_REC_DEBUGREGS: ("debugregs", kvm_debugregs),
+    KVM_CORE_REC_EVENTS: ("events", kvm_vcpu_events),
+    KVM_CORE_REC_MP_STATE: ("mp_state", kvm_mp_state),
+    KVM_CORE_REC_XCRS: ("xcrs", kvm_xcrs),
+    KVM_CORE_REC_XSAVE: ("xsave", Bytes(KVM_XSAVE_MIN_SIZE)),
+    KVM_CORE_REC_LAPIC: ("lapic", kvm_lapic_state),
+    KVM_CORE_REC_MSRS: ("msrs", kvm_msrs_header),
+    KVM_CORE_REC_VMX_EXIT: ("vmx_exit", kvm_core_vmx_exit),
+    KVM_CORE_REC_SVM_EXIT: ("svm_exit", kvm_core_svm_exit),
+    KVM_CORE_REC_VM: ("vm", kvm_core_vm),
+    KVM_CORE_REC_MEMSLOTS: ("memslots", kvm_core_memslot),
+}
+VCPU_RECORDS = frozenset(range(KVM_CORE_REC_VCPU, KVM_CORE_REC_SVM_EXIT + 1))
+VM_RECORDS = frozenset({KVM_CORE_REC_VM, KVM_CORE_REC_MEMSLOTS})
+
+STRUCTS: dict[str, Construct] = {
+    "kvm_core_header": kvm_core_header, "kvm_core_record": kvm_core_record,
+    "kvm_core_vcpu": kvm_core_vcpu, "kvm_core_vmx_exit": kvm_core_vmx_exit,
+    "kvm_core_svm_exit": kvm_core_svm_exit, "kvm_core_vm": kvm_core_vm,
+    "kvm_core_memslot": kvm_core_memslot, "kvm_regs": kvm_regs,
+    "kvm_sregs2": kvm_sregs2, "kvm_segment": kvm_segment, "kvm_dtable": kvm_dtable,
+    "kvm_debugregs": kvm_debugregs, "kvm_vcpu_events": kvm_vcpu_events,
+    "kvm_xcrs": kvm_xcrs, "kvm_xcr": kvm_xcr, "kvm_msr_entry": kvm_msr_entry,
+    "kvm_msrs": kvm_msrs_header, "kvm_lapic_state": kvm_lapic_state,
+    "kvm_mp_state": kvm_mp_state,
+}
+
+
+def _fields(struct: Construct, base: int, prefix: str, out: dict[str, int]) -> None:
+    """Add the offset of every (nested) field of `struct` to `out`."""
+    offset = base
+    for sub in struct.subcons:
+        out[prefix + sub.name] = offset
+        inner = getattr(sub, "subcon", None)
+        if isinstance(inner, Struct):
+            _fields(inner, offset, prefix + sub.name + ".", out)
+        offset += sub.sizeof()
+
+
+def layout() -> dict[str, dict[str, Any]]:
+    """Size and field offsets of every struct, by C name (nested fields dotted)."""
+    result = {}
+    for name, struct in STRUCTS.items():
+        fields: dict[str, int] = {}
+        _fields(struct, 0, "", fields)
+        result[name] = {"size": struct.sizeof(), "fields": fields}
+    return result
+
+
+def plain(obj: Any) -> Any:
+    """A parsed construct value as plain dicts and lists (no `_io` keys)."""
+    if isinstance(obj, dict):
+        return {k: plain(v) for k, v in obj.items() if not k.startswith("_")}
+    if isinstance(obj, list):
+        return [plain(v) for v in obj]
+    return obj
+
+
+@cache
+def _compiled(struct: Construct) -> tuple[Construct, int]:
+    """The compiled (fast) parser of a fixed-size struct, and its size."""
+    return struct.compile(), struct.sizeof()
+
+
+def size(struct: Construct) -> int:
+    """sizeof(struct), cached."""
+    return _compiled(struct)[1]
+
+
+def parse(struct: Construct, data: bytes) -> dict[str, Any]:
+    """Parse the prefix of `data` that `struct` covers, as plain dicts."""
+    fast, size = _compiled(struct)
+    return plain(fast.parse(data[:size]))
+
+
+def zeroed(struct: Construct) -> dict[str, Any]:
+    """A dict for `struct` with every field zero (to fill in and build)."""
+    return parse(struct, bytes(struct.sizeof()))
+
+
+def align(n: int, to: int) -> int:
+    """Round `n` up to a multiple of `to`."""
+    return (n + to - 1) // to * to
+
+
+def build_record(rtype: int, payload: bytes) -> bytes:
+    """A record: kvm_core_record header, payload, zero pad to 8 bytes."""
+    raw = kvm_core_record.build({"type": rtype, "size": len(payload)}) + payload
+    return raw + bytes(align(len(raw), 8) - len(raw))
+
+
+def build_desc(records: list[tuple[int, bytes]], major: int = KVM_CORE_VERSION_MAJOR,
+               minor: int = KVM_CORE_VERSION_MINOR) -> bytes:
+    """A note descriptor: kvm_core_header then the (type, payload) records."""
+    body = b"".join(build_record(t, p) for t, p in records)
+    size = kvm_core_header.sizeof() + len(body)
+    return kvm_core_header.build({
+        "major": major, "minor": minor, "header_size": kvm_core_header.sizeof(),
+        "record_header_size": kvm_core_record.sizeof(), "size": size,
+        "nr_records": len(records)}) + body
+
+
+def build_note(name: bytes, ntype: int, desc: bytes) -> bytes:
+    """An ELF note: Elf64_Nhdr, NUL-terminated name and desc, each padded to 4."""
+    namez = name + b"\0"
+    raw = Struct("namesz" / Int32ul, "descsz" / Int32ul, "type" / Int32ul).build(
+        {"namesz": len(namez), "descsz": len(desc), "type": ntype})
+    raw += namez + bytes(align(len(namez), 4) - len(namez))
+    return raw + desc + bytes(align(len(desc), 4) - len(desc))

@@ -1,0 +1,176 @@
+"""`kvmnote read`: output and every error path (exit 2, one line, no traceback)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import corebuilder as cb
+from kvmnote import schema as S
+from kvmnote.cli import main
+
+NO_KVM = ("kvmnote: no KVM notes: was this core written by a kernel with the kvmnote "
+          "patches, and was the process a KVM VMM?\n")
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """main() on argv: (exit status, stdout, stderr)."""
+    try:
+        rc = main(list(argv))
+    except SystemExit as e:  # argparse usage errors
+        rc = int(e.code or 0)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def fails(capsys: pytest.CaptureFixture[str], path: Path, *opts: str) -> str:
+    """Run `read` on `path`, assert a one-line kvmnote error, return it."""
+    rc, out, err = run(capsys, "read", *opts, str(path))
+    assert rc == 2 and out == ""
+    assert err.startswith("kvmnote: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err
+    return err
+
+
+def test_json_document(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    want = cb.standard_core(tmp_path / "core", vendor=S.KVM_CORE_VENDOR_SVM, nr_vcpus=2)
+    rc, out, _ = run(capsys, "read", "--json", str(tmp_path / "core"))
+    assert rc == 0
+    doc = json.loads(out)
+    assert doc["schema"] == "kvmnote-read/1"
+    assert doc["core"] == {"path": str(tmp_path / "core"), "pid": 4242,
+                           "comm": "qemu-system-x86", "signal": 6}
+    vm = doc["vms"][0]
+    assert vm == {**{k: v for k, v in want["vm"].items() if k != "reserved"},
+                  "vendor": "svm",
+                  "memslots": [{k: v for k, v in m.items() if not k.startswith("reserved")}
+                               for m in want["slots"]]}
+    v, w = doc["vcpus"][1], want["vcpus"][1]
+    assert v["vcpu_id"] == 1 and v["tid"] == 5001 and v["vendor"] == "svm"
+    assert v["status"] == ["valid"] and v["error"] is None
+    assert v["regs"] == w["regs"]
+    assert v["sregs"]["cs"] == w["sregs"]["cs"] and v["sregs"]["cr3"] == w["sregs"]["cr3"]
+    assert v["sregs"]["gdt"] == w["sregs"]["gdt"] and v["sregs"]["pdptrs"] == [1, 2, 3, 4]
+    assert v["debugregs"] == w["debugregs"]
+    assert v["events"]["exception"] == w["events"]["exception"]
+    assert v["events"]["exception_payload"] == w["events"]["exception_payload"]
+    assert v["mp_state"] == 3
+    assert v["xcrs"] == [{"xcr": 0, "value": 7}]
+    assert v["xsave"] == {"size": 4160, "xstate_bv": 7, "xcomp_bv": 1 << 63 | 7,
+                          "mxcsr": 0x1F80, "fcw": 0x37F, "fsw": 0x20}
+    assert v["lapic"]["id"] == 1 and v["lapic"]["tpr"] == 0x20 and v["lapic"]["svr"] == 0x1FF
+    assert v["lapic"]["isr"] == [48] and v["lapic"]["irr"] == [255]
+    assert v["lapic"]["regs_hex"] == w["lapic"].hex()
+    assert v["msrs"] == [{"index": 0xC0000080, "name": "IA32_EFER", "value": 0xD01},
+                         {"index": 0x10, "name": "IA32_TSC", "value": 123456789 * 2},
+                         {"index": 0x12345678, "name": None, "value": 42}]
+    assert v["exit"] == {"type": "svm", **{k: x for k, x in w["svm_exit"].items()},
+                         "reason_name": "HLT"}
+    assert v["unknown_records"] == []
+
+
+def test_text_and_vcpu_filter(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cb.standard_core(tmp_path / "core", nr_vcpus=3)
+    rc, out, _ = run(capsys, "read", "--all", "--vcpu", "2", str(tmp_path / "core"))
+    assert rc == 0
+    assert "vCPU 2 " in out and "vCPU 1 " not in out
+    assert "RIP 0xffffffff81000003" in out and "mode long 64-bit, CPL 0" in out
+    assert "HLT (0xc)" in out and "IA32_EFER" in out and "[SCE LME LMA NXE]" in out
+    assert "LOG_DIRTY_PAGES" in out and "mp_state HALTED" in out
+    err = fails(capsys, tmp_path / "core", "--vcpu", "7")
+    assert "no vCPU with vcpu_id 7" in err
+
+
+def test_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert "no such file" in fails(capsys, tmp_path / "nope")
+
+
+def test_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert "directory" in fails(capsys, tmp_path)
+
+
+def test_fifo(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    os.mkfifo(tmp_path / "fifo")
+    assert "not a regular file" in fails(capsys, tmp_path / "fifo")
+
+
+def test_not_elf(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "f").write_bytes(b"hello world, not a core" * 10)
+    assert "not an ELF file" in fails(capsys, tmp_path / "f")
+    (tmp_path / "e").write_bytes(b"")
+    assert "not an ELF file" in fails(capsys, tmp_path / "e")
+
+
+def test_not_core(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cb.write_core(tmp_path / "exe", b"", [], e_type=2)
+    assert "not a core" in fails(capsys, tmp_path / "exe")
+
+
+def test_truncated_notes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cb.standard_core(tmp_path / "core")
+    os.truncate(tmp_path / "core", 2000)
+    assert "truncated" in fails(capsys, tmp_path / "core")
+    os.truncate(tmp_path / "core", 40)
+    assert "truncated" in fails(capsys, tmp_path / "core")
+
+
+def test_no_kvm_notes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cb.write_core(tmp_path / "core", cb.prstatus(1) + cb.prpsinfo(1, "bash"), [])
+    assert fails(capsys, tmp_path / "core") == NO_KVM
+
+
+def test_future_major(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    desc = S.build_desc(cb.vm_records({"vm_index": 0}, []), major=3, minor=1)
+    cb.write_core(tmp_path / "core", cb.kvm_note(S.NT_KVM_VM, desc), [])
+    assert ("note format version 3.1 is newer than this kvmnote understands (major 1); "
+            "upgrade kvmnote") in fails(capsys, tmp_path / "core")
+
+
+def test_corrupt_note(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    desc = bytearray(S.build_desc(cb.vcpu_records(cb.sample_vcpu(0))))
+    desc[12:16] = (99).to_bytes(4, "little")  # nr_records
+    cb.write_core(tmp_path / "core", cb.kvm_note(S.NT_KVM_VCPU, bytes(desc)), [])
+    err = fails(capsys, tmp_path / "core")
+    assert "PT_NOTE" in err and "note at offset 0" in err and "record" in err
+
+
+def test_note_framing_past_segment(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    note = cb.kvm_note(S.NT_KVM_VM, S.build_desc(cb.vm_records({"vm_index": 0}, [])))
+    note = note[:4] + (10**6).to_bytes(4, "little") + note[8:]
+    cb.write_core(tmp_path / "core", note, [])
+    assert "runs past the segment end" in fails(capsys, tmp_path / "core")
+
+
+@pytest.mark.parametrize("tool", ["zstd", "lz4", "xz"])
+def test_compressed_truncated_and_corrupt(tmp_path: Path, tool: str,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    if not shutil.which(tool):
+        pytest.skip(f"{tool} not installed")
+    want = cb.standard_core(tmp_path / "core")
+    packed = subprocess.run([tool, "-q", "-c", str(tmp_path / "core")], check=True,
+                            capture_output=True).stdout
+    (tmp_path / "ok").write_bytes(packed)
+    rc, out, _ = run(capsys, "read", "--json", str(tmp_path / "ok"))
+    assert rc == 0 and json.loads(out)["vcpus"][0]["regs"] == want["vcpus"][0]["regs"]
+    (tmp_path / "cut").write_bytes(packed[:len(packed) // 3])
+    err = fails(capsys, tmp_path / "cut")
+    assert "truncated" in err or "ends early" in err
+    (tmp_path / "bad").write_bytes(packed[:12] + bytes(range(256)) * 8)
+    fails(capsys, tmp_path / "bad")
+
+
+def test_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(capsys, "read")[0] == 2
+    assert run(capsys)[0] == 2
+
+
+def test_python_m(tmp_path: Path) -> None:
+    (tmp_path / "f").write_bytes(b"junk")
+    p = subprocess.run([sys.executable, "-m", "kvmnote", "read", str(tmp_path / "f")],
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and p.stdout == ""
+    assert p.stderr.startswith("kvmnote: ") and "Traceback" not in p.stderr

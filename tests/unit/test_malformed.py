@@ -1,0 +1,163 @@
+"""Malformed notes and files: a clear KvmnoteError, never a crash or a hang."""
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import corebuilder as cb
+import kvmnote
+from kvmnote import schema as S
+from kvmnote.errors import CorruptNoteError, KvmnoteError, VersionError
+from kvmnote.notes import parse_desc
+
+VCPU = cb.sample_vcpu(0)
+GOOD_VCPU = S.build_desc(cb.vcpu_records(VCPU))
+GOOD_VM = S.build_desc(cb.vm_records({"vm_index": 0}, [cb.memslot(0, 0, 4096, 0x1000)]))
+
+
+def patch(desc: bytes, offset: int, value: int, size: int = 4) -> bytes:
+    """`desc` with a little-endian integer written at `offset`."""
+    return desc[:offset] + value.to_bytes(size, "little") + desc[offset + size:]
+
+
+def test_good_descs_parse() -> None:
+    assert parse_desc(S.NT_KVM_VCPU, GOOD_VCPU, "n").records["regs"] == VCPU["regs"]
+    assert parse_desc(S.NT_KVM_VM, GOOD_VM, "n").memslots[0]["userspace_addr"] == 0x1000
+
+
+CORRUPT = {
+    "shorter than header": GOOD_VCPU[:10],
+    "size disagrees with descsz": patch(GOOD_VCPU, 8, len(GOOD_VCPU) + 8),
+    "descsz longer than size": GOOD_VCPU + bytes(8),
+    "nr_records too many": patch(GOOD_VCPU, 12, 50),
+    "nr_records huge": patch(GOOD_VCPU, 12, 0xFFFFFFFF),
+    "nr_records too few": patch(GOOD_VCPU, 12, 3),
+    "record past end": patch(GOOD_VCPU, 16 + 4, 0xFFFFFFF0),
+    "header_size too small": patch(GOOD_VCPU, 4, 8, 2),
+    "record_header_size too small": patch(GOOD_VCPU, 6, 0, 2),
+    "first record not VCPU": S.build_desc(cb.vcpu_records(VCPU)[1:]),
+    "duplicate record": S.build_desc(cb.vcpu_records(VCPU) + [cb.vcpu_records(VCPU)[1]]),
+    "regs shorter than struct": S.build_desc([cb.vcpu_records(VCPU)[0],
+                                              (S.KVM_CORE_REC_REGS, bytes(100))]),
+    "xsave shorter than 4096": S.build_desc([cb.vcpu_records(VCPU)[0],
+                                             (S.KVM_CORE_REC_XSAVE, bytes(512))]),
+    "msrs nmsrs too large": S.build_desc([cb.vcpu_records(VCPU)[0],
+                                          (S.KVM_CORE_REC_MSRS, S.kvm_msrs_header.build(
+                                              {"nmsrs": 1000, "pad": 0}) + bytes(16))]),
+    "empty": b"",
+}
+
+
+@pytest.mark.parametrize("desc", CORRUPT.values(), ids=CORRUPT.keys())
+def test_corrupt_vcpu_desc(desc: bytes) -> None:
+    with pytest.raises(CorruptNoteError, match="^note0: "):
+        parse_desc(S.NT_KVM_VCPU, desc, "note0")
+
+
+def test_corrupt_vm_descs() -> None:
+    slots = S.build_desc([cb.vm_records({"vm_index": 0}, [])[0],
+                          (S.KVM_CORE_REC_MEMSLOTS, bytes(60))])
+    with pytest.raises(CorruptNoteError, match="whole number"):
+        parse_desc(S.NT_KVM_VM, slots, "n")
+    wrong_count = S.build_desc([cb.record(S.KVM_CORE_REC_VM, {"nr_memslots": 3})])
+    with pytest.raises(CorruptNoteError, match="nr_memslots 3"):
+        parse_desc(S.NT_KVM_VM, wrong_count, "n")
+
+
+def test_error_names_offset() -> None:
+    with pytest.raises(CorruptNoteError, match=r"record 1 \(type 2\) at offset 56"):
+        parse_desc(S.NT_KVM_VCPU, patch(GOOD_VCPU, 56 + 4, 0xFFFF0000), "n")
+
+
+def test_future_major_refused() -> None:
+    with pytest.raises(VersionError, match=r"note format version 2\.5 is newer than this "
+                       r"kvmnote understands \(major 1\); upgrade kvmnote"):
+        parse_desc(S.NT_KVM_VCPU, S.build_desc(cb.vcpu_records(VCPU), major=2, minor=5), "n")
+
+
+def test_larger_header_size_newer_minor() -> None:
+    recs = cb.vcpu_records(VCPU)[:2]
+    body = b"".join(S.build_record(t, p) for t, p in recs)
+    hdr = S.kvm_core_header.build({"major": 1, "minor": 1, "header_size": 24,
+                                   "record_header_size": 8, "size": 24 + len(body),
+                                   "nr_records": 2})
+    vcpu = parse_desc(S.NT_KVM_VCPU, hdr + bytes(8) + body, "n")
+    assert vcpu.records["regs"] == VCPU["regs"]
+
+
+FUZZ = settings(max_examples=150, deadline=2000,
+                suppress_health_check=[HealthCheck.too_slow])
+
+
+@FUZZ
+@given(st.binary(max_size=600), st.sampled_from([S.NT_KVM_VM, S.NT_KVM_VCPU]))
+def test_fuzz_random_desc(desc: bytes, ntype: int) -> None:
+    try:
+        parse_desc(ntype, desc, "n")
+    except KvmnoteError:
+        pass
+
+
+@FUZZ
+@given(st.lists(st.tuples(st.integers(0, len(GOOD_VCPU) - 1), st.integers(0, 255)),
+                min_size=1, max_size=8))
+def test_fuzz_mutated_desc(flips: list[tuple[int, int]]) -> None:
+    desc = bytearray(GOOD_VCPU)
+    for pos, val in flips:
+        desc[pos] = val
+    try:
+        parse_desc(S.NT_KVM_VCPU, bytes(desc), "n")
+    except KvmnoteError:
+        pass
+
+
+def _small_core() -> bytes:
+    """Bytes of a small valid core (notes and one small load)."""
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "core"
+        notes = cb.prstatus(1) + cb.prpsinfo(1, "vmm")
+        notes += cb.kvm_note(S.NT_KVM_VM, GOOD_VM) + cb.kvm_note(S.NT_KVM_VCPU, GOOD_VCPU)
+        cb.write_core(path, notes, [cb.Load(0x1000, 4096, 4096, b"x")])
+        return path.read_bytes()
+
+
+SMALL_CORE = _small_core()
+
+
+
+def _open_bytes(data: bytes) -> None:
+    """open_core on `data` in a temp file; only KvmnoteError may escape."""
+    fd, path = tempfile.mkstemp()
+    try:
+        os.write(fd, data)
+        os.close(fd)
+        with kvmnote.open_core(path) as core:
+            for vm in core.vms:
+                for base, size, _ in core.guest_ranges(core.vms.index(vm)):
+                    core.read_guest_phys(base, min(size, 64), core.vms.index(vm))
+    except KvmnoteError:
+        pass
+    finally:
+        os.unlink(path)
+
+
+@FUZZ
+@given(st.binary(max_size=400))
+def test_fuzz_random_file(data: bytes) -> None:
+    for prefix in (b"", b"\x7fELF\x02\x01\x01", b"\x28\xb5\x2f\xfd", b"\x04\x22\x4d\x18",
+                   b"\xfd7zXZ\x00"):
+        _open_bytes(prefix + data)
+
+
+@FUZZ
+@given(st.lists(st.tuples(st.integers(0, len(SMALL_CORE) - 1), st.integers(0, 255)),
+                min_size=1, max_size=6))
+def test_fuzz_mutated_file(flips: list[tuple[int, int]]) -> None:
+    data = bytearray(SMALL_CORE)
+    for pos, val in flips:
+        data[pos] = val
+    _open_bytes(bytes(data))

@@ -1,0 +1,95 @@
+"""The construct schema agrees with the kernel series' UAPI header.
+
+The header is taken from the patch that adds it (kpatch/*.patch), compiled
+into a small C program that prints sizeof/offsetof of every struct and field
+the schema knows and the value of every KVM_CORE_*/NT_KVM_* constant; the
+test compares those numbers with kvmnote.schema. Either side changing alone
+makes it fail.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from kvmnote import schema
+
+REPO = Path(__file__).resolve().parents[2]
+HEADER = "arch/x86/include/uapi/asm/kvm_coredump.h"
+
+
+def header_from_series() -> str:
+    """Return the text of the UAPI header as the series creates it."""
+    for patch in sorted((REPO / "kpatch").glob("0*.patch")):
+        lines = patch.read_text().splitlines()
+        for i, line in enumerate(lines):
+            if line == f"+++ b/{HEADER}" and lines[i - 1] == "--- /dev/null":
+                hunk = lines[i + 2:]  # skip the @@ line
+                body = []
+                for h in hunk:
+                    if not h.startswith("+"):
+                        break
+                    body.append(h[1:])
+                return "\n".join(body) + "\n"
+    raise AssertionError(f"no patch in kpatch/ creates {HEADER}")
+
+
+def constants() -> dict[str, int]:
+    return {k: v for k, v in vars(schema).items()
+            if isinstance(v, int) and not isinstance(v, bool)
+            and (k.startswith("KVM_CORE_") or k.startswith("NT_KVM_"))}
+
+
+@pytest.fixture(scope="module")
+def c_layout(tmp_path_factory) -> dict[str, int]:
+    if not shutil.which("cc"):
+        pytest.skip("no C compiler (apt-get install build-essential)")
+    d = tmp_path_factory.mktemp("uapi")
+    (d / "asm").mkdir()
+    (d / "asm" / "kvm_coredump.h").write_text(header_from_series())
+    out = ["#include <stddef.h>", "#include <stdio.h>", "#include <asm/kvm_coredump.h>",
+           "int main(void) {"]
+    for struct, info in schema.layout().items():
+        out.append(f'printf("{struct} %zu\\n", sizeof(struct {struct}));')
+        for field, off in info["fields"].items():
+            out.append(f'printf("{struct}.{field} %zu\\n", offsetof(struct {struct}, {field}));')
+    for name in constants():
+        out.append(f'printf("{name} %llu\\n", (unsigned long long)({name}));')
+    out.append("return 0; }")
+    (d / "layout.c").write_text("\n".join(out) + "\n")
+    subprocess.run(["cc", "-I", str(d), "-o", str(d / "layout"), str(d / "layout.c")],
+                   check=True)
+    text = subprocess.run([str(d / "layout")], check=True, capture_output=True,
+                          text=True).stdout
+    return {k: int(v) for k, v in (line.split() for line in text.splitlines())}
+
+
+def test_struct_sizes_and_offsets_match(c_layout):
+    mismatches = []
+    for struct, info in schema.layout().items():
+        if c_layout[struct] != info["size"]:
+            mismatches.append(f"sizeof {struct}: C {c_layout[struct]} schema {info['size']}")
+        for field, off in info["fields"].items():
+            if c_layout[f"{struct}.{field}"] != off:
+                mismatches.append(f"{struct}.{field}: C {c_layout[f'{struct}.{field}']} "
+                                  f"schema {off}")
+    assert not mismatches, "\n".join(mismatches)
+
+
+def test_constants_match(c_layout):
+    mismatches = [f"{k}: C {c_layout[k]} schema {v}" for k, v in constants().items()
+                  if c_layout[k] != v]
+    assert not mismatches, "\n".join(mismatches)
+
+
+def test_every_header_constant_is_in_the_schema():
+    import re
+    defined = set(re.findall(r"^#define\s+((?:KVM_CORE|NT_KVM)_\w+)\s", header_from_series(),
+                             re.M))
+    defined -= {"KVM_CORE_NOTE_NAME"}  # a string, schema.KVM_CORE_NOTE_NAME is bytes
+    assert defined - set(constants()) == set()
+    assert schema.KVM_CORE_NOTE_NAME.decode() == re.search(
+        r'#define\s+KVM_CORE_NOTE_NAME\s+"(\w+)"', header_from_series()).group(1)
