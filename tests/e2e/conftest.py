@@ -72,11 +72,12 @@ def get_boot(vendor: str, variant: str = "patched", **kw) -> harness.BootResult:
     key = (vendor, variant, tuple(sorted(kw.items())))
     if key not in _boots:
         names = kw.pop("names", None)
+        extra = list(kw.pop("extra_preamble", ()))
         specs = [BY_NAME[n] for n in names] if names else SPECS
         try:
             r = harness.boot(vendor, variant, [s.scenario for s in specs],
-                             preamble=TRACE_PREAMBLE, **kw)
-            _timings.append((f"{vendor}/{variant} {kw or ''}".strip(), r.elapsed,
+                             preamble=extra + TRACE_PREAMBLE, **kw)
+            _timings.append((f"{vendor}/{variant} {kw.get('tag', '')}".strip(), r.elapsed,
                              len(specs)))
             _boots[key] = r
         except harness.HarnessError as e:

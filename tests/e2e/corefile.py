@@ -59,7 +59,7 @@ class Core:
 
 # ---------------------------------------------------------------- KVM notes
 
-NT_KVM_VCPU, NT_KVM_VM = 1, 2
+NT_KVM_VCPU, NT_KVM_VM = 0x4b564d43, 0x4b564d56  # "KVMC", "KVMV"
 STATUS_BITS = ["valid", "protected", "unreadable", "guest_mode", "never_ran"]
 ERRORS = {0: None, 1: "busy", 2: "nomem", 3: "disabled"}
 VENDORS = {0: "unknown", 1: "vmx", 2: "svm"}

@@ -298,7 +298,7 @@ def test_pipe_core_pattern_same_notes(vendor):
     tp = corefile.Core(pipe_core.read_bytes()).note_types()
     tf = corefile.Core(file_core.read_bytes()).note_types()
     assert tp == tf, f"note lists differ:\n pipe {tp}\n file {tf}"
-    assert ("KVM", 2) in tp and tp.count(("KVM", 1)) == 2
+    assert ("KVM", corefile.NT_KVM_VM) in tp and tp.count(("KVM", corefile.NT_KVM_VCPU)) == 2, tp
 
 
 @pytest.mark.parametrize("vendor", VENDORS)
