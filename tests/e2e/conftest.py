@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import corefile  # noqa: E402
 import harness  # noqa: E402
-from scenarios import BY_NAME, SPECS, TRACE_PREAMBLE, UNPATCHED  # noqa: E402
+from scenarios import BASE_PREAMBLE, BY_NAME, SPECS, UNPATCHED  # noqa: E402
 
 
 def pytest_configure(config):
@@ -76,7 +76,7 @@ def get_boot(vendor: str, variant: str = "patched", **kw) -> harness.BootResult:
         specs = [BY_NAME[n] for n in names] if names else SPECS
         try:
             r = harness.boot(vendor, variant, [s.scenario for s in specs],
-                             preamble=extra + TRACE_PREAMBLE, **kw)
+                             preamble=extra + BASE_PREAMBLE, **kw)
             _timings.append((f"{vendor}/{variant} {kw.get('tag', '')}".strip(), r.elapsed,
                              len(specs)))
             _boots[key] = r

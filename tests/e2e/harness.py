@@ -66,6 +66,13 @@ def get_kernel(variant: str = "patched") -> Path:
     patched = not variant.startswith("unpatched")
     config = variant.split("-", 1)[1] if "-" in variant else "base"
     cmd = [str(REPO / "kpatch" / "build.sh")] + ([] if patched else ["-n"]) + ["-c", config]
+    # build.sh takes the build lock even for a cached kernel, so a cached one
+    # would wait for any other build on the machine: ask --print first.
+    out = subprocess.run(cmd + ["--print"], capture_output=True, text=True, timeout=60)
+    for line in out.stdout.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[0] == config and Path(parts[1]).is_file():
+            return Path(parts[1])
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
     except subprocess.TimeoutExpired as e:
@@ -343,13 +350,21 @@ def bochs_available() -> bool:
             and Path("/usr/share/bochs/BIOS-bochs-latest").exists())
 
 
+# Under a loaded host the guest's PIT-based TSC calibration fails now and then
+# ("tsc: Marking TSC unstable due to could not calculate TSC khz"); KVM then
+# has tsc_khz = 0, kvm_guest_time_update() keeps re-raising
+# KVM_REQ_CLOCK_UPDATE and KVM_RUN never enters the guest (it spun for 60 s
+# until the VMM gave up). A fixed TSC frequency avoids the calibration.
+QEMU_TSC = "tsc_early_khz=2000000"
+
+
 def _run_qemu(work: Path, kernel: Path, initrd: Path, cmdline: str, timeout: float,
               cpu: str) -> tuple[int | None, bool]:
     log = open(work / "console.log", "wb")
     cmd = ["qemu-system-x86_64", "-accel", "tcg", "-cpu", cpu,
            "-smp", "2,sockets=2,cores=1,threads=1", "-m", "512", "-nographic",
            "-no-reboot", "-kernel", str(kernel), "-initrd", str(initrd),
-           "-append", f"console=ttyS0 panic=-1 {cmdline}".strip()]
+           "-append", f"console=ttyS0 panic=-1 {QEMU_TSC} {cmdline}".strip()]
     (work / "cmd.txt").write_text(shlex.join(cmd) + "\n")
     p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                          start_new_session=True)
@@ -504,6 +519,8 @@ def boot(vendor: str, variant: str, scenarios: list[Scenario], *, cmdline: str =
         p = work / "out" / k
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(v)
+    if "could not calculate TSC khz" in log + (files.get("dmesg.txt") or b"").decode("utf-8", "replace"):
+        errors.append("the guest kernel could not calibrate its TSC: KVM cannot run vCPUs")
     if "===KVMNOTE-DONE" not in log:
         errors.append("guest did not finish (no ===KVMNOTE-DONE marker)"
                       + (f"; killed after {timeout}s timeout" if timed_out else ""))

@@ -64,9 +64,13 @@ BY_NAME = {s.name: s for s in SPECS}
 UNPATCHED = ["real1", "pm32", "long2", "mixed8", "nonkvm"]
 UNPATCHED_KVM = UNPATCHED[:4]
 
-# Traces kvm:kvm_coredump_vcpu events during the run (if the kernel has it).
-TRACE_PREAMBLE = [
-    "mount -t tracefs nodev /sys/kernel/tracing 2>/dev/null",
-    "echo 1 > /sys/kernel/tracing/events/kvm/kvm_coredump_vcpu/enable 2>/dev/null",
+BASE_PREAMBLE = [
     "cat /sys/module/kvm/parameters/coredump_notes > /out/coredump_notes.txt 2>&1",
 ]
+# Traces kvm:kvm_coredump_vcpu events, in a boot of its own so that the
+# expected event list is exact.
+TRACE_PREAMBLE = [
+    "mount -t tracefs nodev /sys/kernel/tracing 2>/dev/null",
+    "echo 1 > /sys/kernel/tracing/events/kvm/kvm_coredump_vcpu/enable",
+]
+TRACE_NAMES = ("long2", "mixed8", "stuck")

@@ -18,7 +18,7 @@ import pytest
 import corefile
 import expected as X
 from conftest import decoded_notes, get_boot, kvmnote_read, need, need_patched, need_vendor
-from scenarios import BY_NAME, SPECS, UNPATCHED, UNPATCHED_KVM
+from scenarios import BY_NAME, SPECS, TRACE_NAMES, TRACE_PREAMBLE, UNPATCHED, UNPATCHED_KVM
 
 VENDORS = [pytest.param("svm", marks=pytest.mark.svm, id="svm"),
            pytest.param("vmx", marks=pytest.mark.vmx, id="vmx")]
@@ -313,14 +313,28 @@ def test_stuck_vcpu_dump_is_prompt(vendor):
 
 @pytest.mark.parametrize("vendor", VENDORS)
 def test_tracepoint(vendor):
-    b = patched(vendor)
+    """kvm:kvm_coredump_vcpu fires once per vCPU written, with its RIP and status."""
+    need_vendor(vendor)
+    need_patched()
+    b = get_boot(vendor, "patched", names=TRACE_NAMES, extra_preamble=tuple(TRACE_PREAMBLE),
+                 tag="trace")
+    assert not b.errors, f"{b.errors}{ctx(b)}"
+    for n in TRACE_NAMES:
+        scenario_files(b, n)
+    assert b.splats() == [], f"kernel splats: {b.splats()}{ctx(b)}"
     trace = (b.file("trace.txt") or b"").decode(errors="replace")
-    need("kvm_coredump_vcpu" in trace or b.file("trace.txt") is not None,
-         "tracefs not available in the guest")
-    lines = [ln for ln in trace.splitlines() if "kvm_coredump_vcpu" in ln]
-    assert lines, f"no kvm:kvm_coredump_vcpu events in the trace:\n{trace[-2000:]}"
-    assert any(re.search(r"\b(rip[=: ]+(0x)?1001)\b", ln) for ln in lines), \
-        f"no event with rip 0x1001 (a halted vCPU):\n" + "\n".join(lines[:20])
+    ev = [tuple(int(x, 0) for x in m.groups()) for m in re.finditer(
+        r"kvm_coredump_vcpu: vcpu (\d+) rip (0x[0-9a-f]+) status (0x[0-9a-f]+) error (\d+)", trace)]
+    want = []
+    for n in TRACE_NAMES:
+        for vid, kind in enumerate(BY_NAME[n].kinds):
+            mode = BY_NAME[n].mode
+            if kind == "stuck":
+                want.append((vid, 0, 0x4, 1))
+            else:
+                st = 0x11 if kind == "never_ran" else 0x1
+                want.append((vid, X.regs(mode, vid, kind)["rip"], st, 0))
+    assert sorted(ev) == sorted(want), f"trace events\n got {ev}\nwant {want}\n{trace[-1500:]}"
 
 
 # ------------------------------------------------------- negative / fault
