@@ -81,7 +81,7 @@ def _records(desc: bytes):
 
 
 def _seg(b, off):
-    v = struct.unpack_from("<QIH8B", b, off)
+    v = struct.unpack_from("<QIH9B", b, off)
     return dict(zip(SEGF, v))
 
 
