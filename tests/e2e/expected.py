@@ -52,7 +52,7 @@ def _seg(sel, base, limit, type_, s, db, l, g):
             "dpl": 0, "db": db, "s": s, "l": l, "g": g}
 
 
-def sregs(mode: str) -> dict:
+def sregs(mode: str, xsave: bool = True) -> dict:
     if mode == "real":
         d = {
             "cs": _seg(0x0100, 0x1000, 0xffff, 0xb, 1, 0, 0, 0),
@@ -93,6 +93,8 @@ def sregs(mode: str) -> dict:
             "cr0": 0x80050033, "cr2": 0xffffffffdeadb000, "cr3": 0x2000, "cr4": 0x406a0,
             "efer": 0xd01,
         }
+        if not xsave:  # CPU models without XSAVE (Nehalem): no CR4.OSXSAVE
+            d["cr4"] &= ~0x40000
     d["cr8"] = 0
     return d
 
@@ -140,6 +142,11 @@ def msrs(mode: str, vcpu_id: int) -> dict[int, int]:
 # vCPU interrupted while spinning in `jmp .` (kicked out of the guest by the
 # coredump's SIGKILL IPI, or by a host timer tick before that).
 VMX_EXIT_HLT = 12
+# Real mode without unrestricted guest (Bochs Nehalem/Penryn): KVM runs the
+# guest in vm86 mode, where `hlt` faults with #GP; KVM emulates it, so the
+# last hardware exit is EXCEPTION_NMI (0) with vector 13.
+VMX_EXIT_EXCEPTION_NMI = 0
+GP_VECTOR = 13
 SVM_EXIT_HLT = 0x78
 VMX_SPIN_EXITS = {1, 7, 52}  # EXTERNAL_INTERRUPT, INTERRUPT_WINDOW, PREEMPTION_TIMER
 SVM_SPIN_EXITS = {0x60, 0x61, 0x64}  # INTR, NMI, VINTR

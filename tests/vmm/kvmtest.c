@@ -51,6 +51,13 @@ void die(const char *fmt, ...)
 	_exit(97);
 }
 
+int have_xsave = 1;
+
+static struct {
+	struct kvm_cpuid2 h;
+	struct kvm_cpuid_entry2 e[256];
+} cpuid;
+
 void vm_create(struct vm *vm)
 {
 	memset(vm, 0, sizeof(*vm));
@@ -63,6 +70,16 @@ void vm_create(struct vm *vm)
 	vm->run_size = ioctl(vm->kvm, KVM_GET_VCPU_MMAP_SIZE, 0);
 	if (vm->run_size <= 0)
 		die("KVM_GET_VCPU_MMAP_SIZE");
+	if (!cpuid.h.nent) {
+		cpuid.h.nent = 256;
+		if (ioctl(vm->kvm, KVM_GET_SUPPORTED_CPUID, &cpuid) < 0)
+			die("KVM_GET_SUPPORTED_CPUID");
+		/* Older CPU models (Bochs' Nehalem) have no XSAVE: then no
+		 * CR4.OSXSAVE and no XCR0 (reported in the side report). */
+		for (unsigned i = 0; i < cpuid.h.nent; i++)
+			if (cpuid.e[i].function == 1)
+				have_xsave = !!(cpuid.e[i].ecx & (1u << 26));
+	}
 }
 
 static void put_desc(uint8_t *gdt, const struct kvm_segment *s)
@@ -226,6 +243,8 @@ void intended_sregs(enum mode mode, struct kvm_sregs2 *s)
 		s->cr2 = 0xffffffffdeadb000ULL;
 		s->cr3 = GPA_PML4;
 		s->cr4 = 0x406a0;		/* OSXSAVE OSXMMEXCPT OSFXSR PGE PAE */
+		if (!have_xsave)
+			s->cr4 &= ~0x40000ULL;
 		s->efer = 0xd01;		/* NXE LMA LME SCE */
 		break;
 	}
@@ -266,17 +285,8 @@ uint64_t intended_msr(int id, uint32_t index)
 
 void vcpu_setup(struct vm *vm, struct vcpu *v, enum mode mode, int spin)
 {
-	static struct {
-		struct kvm_cpuid2 h;
-		struct kvm_cpuid_entry2 e[256];
-	} cpuid;
 	int id = v->id;
 
-	if (!cpuid.h.nent) {
-		cpuid.h.nent = 256;
-		if (ioctl(vm->kvm, KVM_GET_SUPPORTED_CPUID, &cpuid) < 0)
-			die("KVM_GET_SUPPORTED_CPUID");
-	}
 	/* The APIC ID in CPUID leaf 1/0xb does not matter without an irqchip. */
 	if (ioctl(v->fd, KVM_SET_CPUID2, &cpuid) < 0)
 		die("KVM_SET_CPUID2");
@@ -325,6 +335,8 @@ void vcpu_setup(struct vm *vm, struct vcpu *v, enum mode mode, int spin)
 	if (ioctl(v->fd, KVM_SET_DEBUGREGS, &d) < 0)
 		die("KVM_SET_DEBUGREGS");
 
+	if (!have_xsave)
+		return;
 	struct kvm_xcrs x;
 	memset(&x, 0, sizeof(x));
 	x.nr_xcrs = 1;
@@ -351,7 +363,7 @@ void vcpu_read_state(struct vcpu *v, struct vcpu_state *st)
 		die("KVM_GET_SREGS2");
 	if (ioctl(v->fd, KVM_GET_DEBUGREGS, &st->dregs) < 0)
 		die("KVM_GET_DEBUGREGS");
-	if (ioctl(v->fd, KVM_GET_XCRS, &st->xcrs) < 0)
+	if (have_xsave && ioctl(v->fd, KVM_GET_XCRS, &st->xcrs) < 0)
 		die("KVM_GET_XCRS");
 	if (ioctl(v->fd, KVM_GET_MP_STATE, &st->mp) < 0)
 		die("KVM_GET_MP_STATE");

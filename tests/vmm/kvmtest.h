@@ -63,6 +63,7 @@ void intended_debugregs(int id, struct kvm_debugregs *d);
 extern const uint32_t test_msr_index[NR_TEST_MSRS];
 uint64_t intended_msr(int id, uint32_t index);
 #define TEST_XCR0 0x3ULL
+extern int have_xsave;	/* host CPU (and so KVM) supports XSAVE */
 
 /* State read back with ioctls, and its JSON form. */
 #define NR_READ_MSRS 20

@@ -290,10 +290,11 @@ int main(int argc, char **argv)
 	fprintf(f, "{\"pid\": %d, \"mode\": \"%s\", \"crash\": \"%s\", \"timed_out\": %s, "
 		"\"wait_seconds\": %.3f, \"nr_vcpus\": %d, \"dup_fds\": [%d, %d], "
 		"\"foreign_fd\": %d, \"foreign_pid\": %d, \"foreign_vcpu_id\": %d, "
-		"\"crash_tid\": %d, \"memslots\": ",
+		"\"crash_tid\": %d, \"xsave\": %s, \"memslots\": ",
 		getpid(), mode == MODE_REAL ? "real" : mode == MODE_PM32 ? "pm32" : "long", crash,
 		timed_out ? "true" : "false", now() - t0, n, dups[0], dups[1], foreign_fd,
-		foreign_pid, FOREIGN_VCPU_ID, crash_segv_idx >= 0 ? tids[crash_segv_idx] : getpid());
+		foreign_pid, FOREIGN_VCPU_ID, crash_segv_idx >= 0 ? tids[crash_segv_idx] : getpid(),
+		have_xsave ? "true" : "false");
 	json_memslots(f, &vm);
 	fprintf(f, ", \"vcpus\": [");
 	for (int i = 0; i < n; i++) {
