@@ -161,11 +161,13 @@ fi
 
 if [ "$bisect" = 1 ]; then
 	checkout 1
-	bdir=$cache/build-bisect
+	# The base config's build directory: builds after the last patch leave
+	# it ready for the patched base kernel.
+	bdir=$cache/build-base
 	n=$(git -C "$tree" rev-list --count base..kvmnote)
 	[ "$n" -gt 0 ] || die "no patches to bisect"
 	mkdir -p "$bdir"
-	[ -f "$bdir/.config" ] || make_config "$bdir" base
+	make_config "$bdir" base
 	for c in $(git -C "$tree" rev-list --reverse base..kvmnote); do
 		git -C "$tree" checkout -q "$c"
 		subject=$(git -C "$tree" log -1 --format=%s "$c")
@@ -181,7 +183,9 @@ for name in "${configs[@]}"; do
 	res=$(result_dir "$name")
 	if [ ! -f "$res/bzImage" ]; then
 		checkout "$patched"
-		bdir=$cache/build-$name-$([ "$patched" = 1 ] && echo patched || echo unpatched)
+		# One build directory per config, patched or not: switching
+		# rebuilds only what the series touches.
+		bdir=$cache/build-$name
 		mkdir -p "$bdir"
 		make_config "$bdir" "$name"
 		log "building $name ($([ "$patched" = 1 ] && echo patched || echo unpatched)) in $bdir"

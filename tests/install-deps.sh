@@ -1,0 +1,35 @@
+#!/bin/bash
+# Install everything kvmnote's tests need on a fresh Debian 12 machine (root):
+# the kernel source the series applies to, the tool chain to build it, the
+# emulators that run nested KVM (QEMU TCG for AMD SVM, Bochs for Intel VMX),
+# and a virtualenv in .venv with kvmnote and its test dependencies.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(
+	# the kernel series and its test kernels
+	linux-source-6.12 build-essential flex bison bc libelf-dev libssl-dev
+	cpio xz-utils zstd
+	# the emulated machines and what boots in them
+	qemu-system-x86 bochs bochsbios vgabios isolinux syslinux-common
+	genisoimage busybox-static
+	# the bcc tracer test: a Debian rootfs for the emulated machine
+	mmdebstrap e2fsprogs
+	# the Python side
+	python3 python3-venv python3-pip
+	# looking at cores by hand
+	gdb elfutils
+)
+missing=()
+for p in "${packages[@]}"; do
+	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+	export DEBIAN_FRONTEND=noninteractive
+	apt-get update -qq
+	apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+echo "install-deps: ready (.venv, $(.venv/bin/python --version))"
