@@ -65,6 +65,11 @@ def scenario_files(boot, name):
             assert v["flag"] == 1, f"{name}: vcpu {v['vcpu_id']} never spun{ctx(boot, name)}"
     core = boot.path(name, "core")
     assert core.exists(), f"{name}: no core file came back{ctx(boot, name)}"
+    if spec.notes != "truncated":
+        si = [n for n in corefile.Core(core.read_bytes()).notes()
+              if n.name == "CORE" and n.type == 0x53494749]  # NT_SIGINFO
+        signo = int.from_bytes(si[0].desc[:4], "little") if si else None
+        assert signo == {"abort": 6, "segv": 11}[spec.crash], f"{name}: core signal {signo}"
     return report, core
 
 
