@@ -253,7 +253,7 @@ SPLAT_RE = re.compile(
     r"KASAN|UBSAN|possible circular locking|possible recursive locking|"
     r"inconsistent lock state|suspicious RCU usage|blocked for more than|"
     r"detected stalls|Unable to handle|sleeping function called from invalid context|"
-    r"lockdep|DEBUG_LOCKS_WARN_ON)")
+    r"lockdep is turned off|DEBUG_LOCKS_WARN_ON)")
 # Bochs 2.7 crashes in its ALSA sound plugin here ("buffer overflow detected"):
 # the bochsrc selects the dummy sound driver.
 # Bochs' CPUID topology makes the unpatched 6.12 kernel warn on every boot.

@@ -399,7 +399,10 @@ def test_kvm_core_only_adds_kvm_notes(vendor):
 
 @pytest.mark.parametrize("vendor", VENDORS)
 def test_zero_vcpu_vm(vendor):
-    b = patched(vendor)
+    check_zero_vcpu(patched(vendor))
+
+
+def check_zero_vcpu(b):
     report, core = scenario_files(b, "novcpu")
     types = corefile.Core(core.read_bytes()).note_types()
     assert types.count(("KVM", corefile.NT_KVM_VM)) == 1, \

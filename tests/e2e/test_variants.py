@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import get_boot, need, need_patched, need_vendor
-from test_e2e import check_positive, ctx, _no_kvm_notes
+from test_e2e import _no_kvm_notes, check_positive, check_zero_vcpu, ctx
 
 CORE = ("real1", "pm32", "long2", "mixed8")
 MODS = "for m in irqbypass kvm kvm-amd kvm-intel; do [ -f /lib/modules/$m.ko ] && insmod /lib/modules/$m.ko; done; lsmod"
@@ -50,5 +50,7 @@ def test_variant(vendor, cfg):
     for n in names:
         if n == "disabled":
             _no_kvm_notes(b, n)
+        elif n == "novcpu":
+            check_zero_vcpu(b)
         elif n != "rlimit4k":
             check_positive(b, n)
