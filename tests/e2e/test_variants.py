@@ -31,8 +31,8 @@ VARIANTS = [
     # kpatch/configs/debug.config does not build (KASAN needs !SLUB_TINY):
     # e2edebug.config = debug.config + CONFIG_SLUB_TINY=n.
     pytest.param("svm", dict(variant="patched-e2edebug", tag="debug",
-                             names=("long2", "mixed8", "segv", "stuck", "foreign", "novcpu",
-                                    "rlimit4k", "disabled", "many64")),
+                             names=("long2", "mixed8", "segv", "stuck", "foreign", "rlimit4k",
+                                    "disabled", "many64", "novcpu")),
                  marks=[pytest.mark.svm, pytest.mark.slow], id="svm-debug"),
 ]
 
