@@ -1,0 +1,76 @@
+"""The scenario list: one list, run on both vendors, batched into one boot
+per (vendor, kernel variant). Each entry: a harness.Scenario (how to run the
+test VMM in the guest) and what the VMM was told to build (the expectation)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from harness import Scenario
+
+CPARAM = "/sys/module/kvm/parameters/coredump_notes"
+
+
+@dataclass
+class Spec:
+    scenario: Scenario
+    mode: str = "long"
+    kinds: list[str] = field(default_factory=list)   # per vCPU id 0..n-1
+    notes: str = "kvm"      # "kvm": KVM notes expected; "none": none; "truncated"
+    foreign: bool = False
+    crash: str = "abort"
+    rlimit: int | None = None
+
+    @property
+    def name(self):
+        return self.scenario.name
+
+
+def _s(name, args, **kw):
+    pattern = kw.pop("pattern", "file")
+    pre = kw.pop("pre", [])
+    post = kw.pop("post", [])
+    timeout = kw.pop("timeout", 120)
+    return Spec(Scenario(name, args + ["--timeout", "60"], pattern=pattern, pre=pre, post=post,
+                         timeout=timeout), **kw)
+
+
+H, S, I, K = "halted", "spinning", "never_ran", "stuck"
+
+SPECS = [
+    _s("real1", ["--mode", "real", "--halt", "1"], mode="real", kinds=[H]),
+    _s("pm32", ["--mode", "pm32", "--halt", "1"], mode="pm32", kinds=[H]),
+    _s("long1", ["--halt", "1"], kinds=[H]),
+    _s("long2", ["--halt", "2", "--dup"], kinds=[H, H]),
+    _s("mixed8", ["--halt", "4", "--spin", "2", "--idle", "2"], kinds=[H] * 4 + [S] * 2 + [I] * 2),
+    _s("segv", ["--halt", "2", "--crash", "segv"], kinds=[H, H], crash="segv"),
+    _s("novcpu", ["--halt", "0"], kinds=[]),
+    _s("foreign", ["--halt", "1", "--foreign"], kinds=[H], foreign=True),
+    _s("stuck", ["--halt", "1", "--stuck"], kinds=[H, K]),
+    _s("pipe", ["--halt", "2", "--dup"], kinds=[H, H], pattern="pipe"),
+    _s("disabled", ["--halt", "1"], kinds=[H], notes="none",
+       pre=[f"echo N > {CPARAM}"], post=[f"echo Y > {CPARAM}"]),
+    _s("rlimit4k", ["--halt", "2", "--rlimit-core", "4096"], kinds=[H, H], notes="truncated",
+       rlimit=4096),
+    _s("rlimit64k", ["--halt", "2", "--rlimit-core", "65536"], kinds=[H, H], notes="truncated",
+       rlimit=65536),
+    _s("many64", ["--halt", "64", "--seq"], kinds=[H] * 64, timeout=300),
+    _s("nonkvm", ["--nonkvm"], notes="none"),
+]
+BY_NAME = {s.name: s for s in SPECS}
+
+# On the unpatched kernel: enough to show "no KVM notes" and to get the
+# reference note list of a non-KVM process.
+UNPATCHED = ["real1", "pm32", "long2", "mixed8", "nonkvm"]
+UNPATCHED_KVM = UNPATCHED[:4]
+
+BASE_PREAMBLE = [
+    "cat /sys/module/kvm/parameters/coredump_notes > /out/coredump_notes.txt 2>&1",
+]
+# Traces kvm:kvm_coredump_vcpu events, in a boot of its own so that the
+# expected event list is exact.
+TRACE_PREAMBLE = [
+    "mount -t tracefs nodev /sys/kernel/tracing 2>/dev/null",
+    "echo 1 > /sys/kernel/tracing/events/kvm/kvm_coredump_vcpu/enable",
+]
+TRACE_NAMES = ("long2", "mixed8", "stuck")
