@@ -12,16 +12,14 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import corefile  # noqa: E402
 import harness  # noqa: E402
-from scenarios import BASE_PREAMBLE, BY_NAME, SPECS, UNPATCHED  # noqa: E402
+from scenarios import BASE_PREAMBLE, BY_NAME, SPECS  # noqa: E402
 
 
 def pytest_configure(config):
@@ -124,13 +122,10 @@ def kvmnote_read(core_path: Path):
 
 
 def decoded_notes(core_path: Path) -> tuple[dict, str]:
-    """KVM notes as the kvmnote-read/1 JSON: from kvmnote if it is there,
-    else (not under CI) from the tests' own decoder."""
+    """KVM notes as the kvmnote-read/1 JSON, from `kvmnote read --json`."""
     r = kvmnote_read(core_path)
     if r is None:
-        if harness.in_ci():
-            pytest.fail("CI=true but the kvmnote package is not available")
-        return corefile.decode_kvm_notes(corefile.Core(core_path.read_bytes())), "fallback"
+        need(False, "the kvmnote package (pip install -e .)")
     rc, data, text = r
     assert rc == 0, f"kvmnote read --json {core_path} failed (rc {rc}):\n{text[-3000:]}"
     assert data.get("schema") == "kvmnote-read/1", data.get("schema")

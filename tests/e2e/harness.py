@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import bz2
-import glob
 import gzip
 import hashlib
 import io
@@ -66,13 +65,6 @@ def get_kernel(variant: str = "patched") -> Path:
     patched = not variant.startswith("unpatched")
     config = variant.split("-", 1)[1] if "-" in variant else "base"
     cmd = [str(REPO / "kpatch" / "build.sh")] + ([] if patched else ["-n"]) + ["-c", config]
-    # build.sh takes the build lock even for a cached kernel, so a cached one
-    # would wait for any other build on the machine: ask --print first.
-    out = subprocess.run(cmd + ["--print"], capture_output=True, text=True, timeout=60)
-    for line in out.stdout.splitlines():
-        parts = line.split()
-        if len(parts) == 2 and parts[0] == config and Path(parts[1]).is_file():
-            return Path(parts[1])
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
     except subprocess.TimeoutExpired as e:
@@ -81,13 +73,6 @@ def get_kernel(variant: str = "patched") -> Path:
         parts = line.split()
         if len(parts) == 2 and parts[0] == config and Path(parts[1]).is_file():
             return Path(parts[1])
-    if not patched:
-        # build.sh of the first commit cannot hash an empty series; a cached
-        # unpatched kernel is still good (its key does not include the series).
-        found = sorted(glob.glob(str(CACHE / "kernel" / f"unpatched-{config}-*" / "bzImage")),
-                       key=os.path.getmtime)
-        if found:
-            return Path(found[-1])
     raise HarnessError(f"{' '.join(cmd)} failed (rc {out.returncode}):\n{out.stderr[-3000:]}")
 
 

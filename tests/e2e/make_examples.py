@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import corefile  # noqa: E402
+import kvmnote  # noqa: E402
 import harness  # noqa: E402
 from scenarios import BY_NAME  # noqa: E402
 
@@ -33,10 +33,10 @@ def make(vendor: str) -> Path:
     if b.errors:
         raise SystemExit(f"{vendor}: {b.errors}\n{b.context()}")
     core = b.file("long2", "core")
-    notes = corefile.decode_kvm_notes(corefile.Core(core))
-    if len(notes["vcpus"]) != 2 or len(notes["vms"]) != 1:
-        raise SystemExit(f"{vendor}: core has {len(notes['vcpus'])} vCPU notes, "
-                         f"{len(notes['vms'])} VM notes; want 2 and 1")
+    notes = kvmnote.open_core(b.path("long2", "core"))
+    if len(notes.vcpus) != 2 or len(notes.vms) != 1:
+        raise SystemExit(f"{vendor}: core has {len(notes.vcpus)} vCPU notes, "
+                         f"{len(notes.vms)} VM notes; want 2 and 1")
     OUT.mkdir(exist_ok=True)
     dst = OUT / f"{vendor}-vmm.core.zst"
     subprocess.run(["zstd", "-q", "-19", "-f", "-o", str(dst), str(b.path("long2", "core"))],

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import get_boot, need, need_patched, need_vendor
+from conftest import get_boot, need_patched, need_vendor
 from test_e2e import _no_kvm_notes, check_positive, check_zero_vcpu, ctx
 
 CORE = ("real1", "pm32", "long2", "mixed8")
@@ -28,9 +28,7 @@ VARIANTS = [
                  id="vmx-lynnfield"),
     pytest.param("vmx", dict(variant="patched", cpu="core2_penryn_t9600", tag="penryn", names=CORE),
                  marks=[pytest.mark.vmx, pytest.mark.slow], id="vmx-penryn"),
-    # kpatch/configs/debug.config does not build (KASAN needs !SLUB_TINY):
-    # e2edebug.config = debug.config + CONFIG_SLUB_TINY=n.
-    pytest.param("svm", dict(variant="patched-e2edebug", tag="debug",
+    pytest.param("svm", dict(variant="patched-debug", tag="debug",
                              names=("long2", "mixed8", "segv", "stuck", "foreign", "rlimit4k",
                                     "disabled", "many64", "novcpu")),
                  marks=[pytest.mark.svm, pytest.mark.slow], id="svm-debug"),
