@@ -15,6 +15,9 @@ packages=(
 	genisoimage busybox-static
 	# the bcc tracer test: a Debian rootfs for the emulated machine
 	mmdebstrap e2fsprogs
+	# kvmnote vmcore acceptance: crash reads a Linux 6.1 guest built from
+	# Debian's source (its crash 8.0.2 cannot read 6.12 guests)
+	crash linux-source-6.1
 	# the Python side
 	python3 python3-venv python3-pip
 	# looking at cores by hand
