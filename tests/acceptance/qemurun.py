@@ -206,7 +206,7 @@ def run(work: Path, host_kernel: Path, guest_kernel: Path, timeout: float = 900,
 
 if __name__ == "__main__":
     w = Path(sys.argv[1])
-    r = run(w, kernel("-c", "qemuhost"), kernel("-n", "--base", "guest"))
+    r = run(w, kernel("-c", "l1"), kernel("-n", "--base", "guest"))
     print({k: v for k, v in r.items() if k != "console"})
     for line in r["console"].splitlines():
         if "KVMNOTE-L1" in line:

@@ -49,7 +49,7 @@ def run() -> dict:
     except ImportError:
         need(False, "drgn not installed (pip install drgn)")
     t0 = time.monotonic()
-    host = qemurun.kernel("-c", "qemuhost")
+    host = qemurun.kernel("-c", "l1")
     guest = qemurun.kernel("-n", "--base", "guest")
     TIMINGS["kernels (build or cache)"] = time.monotonic() - t0
     need((guest.parent / "vmlinux").exists(), f"no vmlinux beside {guest}")
@@ -237,7 +237,7 @@ def run61() -> dict:
          "linux-source-6.1)")
     need(os.geteuid() == 0 and shutil.which("qemu-system-x86_64") is not None,
          "root and qemu-system-x86_64 needed")
-    host = qemurun.kernel("-c", "qemuhost")
+    host = qemurun.kernel("-c", "l1")
     guest = qemurun.kernel("-n", "--base", "guest61",
                            env=dict(os.environ, KVMNOTE_LINUX_TARBALL=str(TARBALL_61)))
     r = qemurun.run(WORK / "linux-6.1", host, guest, scenarios=("paused",))

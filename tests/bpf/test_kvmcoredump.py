@@ -1,6 +1,6 @@
 """End-to-end test of bpf/kvmcoredump.py and bpf/verify.py.
 
-Boots the patched kernel (kpatch/build.sh -c bpf) under QEMU TCG -cpu max
+Boots the patched kernel (kpatch/build.sh -c l1) under QEMU TCG -cpu max
 (nested AMD SVM) with a Debian root filesystem holding python3-bpfcc
 (tests/bpf/rootfs.sh). Inside: the tracer runs in the background, the static
 test VMM runs two vCPUs to `hlt` and one spinning, then abort()s; the kernel
@@ -91,9 +91,9 @@ def build_vmm(src):
 
 
 def build_kernel():
-    """kpatch/build.sh -c bpf; a cached kernel is taken without queueing for
+    """kpatch/build.sh -c l1; a cached kernel is taken without queueing for
     build.sh's lock behind other kernel builds."""
-    build = [str(REPO / "kpatch" / "build.sh"), "-c", "bpf"]
+    build = [str(REPO / "kpatch" / "build.sh"), "-c", "l1"]
     out = subprocess.run(build + ["--print"], check=True, stdout=subprocess.PIPE,
                          universal_newlines=True).stdout.split()[-1]
     if Path(out).exists():
