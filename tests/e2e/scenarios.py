@@ -57,7 +57,18 @@ SPECS = [
     _s("many64", ["--halt", "64", "--seq"], kinds=[H] * 64, timeout=300),
     _s("nonkvm", ["--nonkvm"], notes="none"),
 ]
-BY_NAME = {s.name: s for s in SPECS}
+
+# KVM as modules: load them; later, unload them (the core-dump provider must
+# unregister cleanly: a process dumping core afterwards gets no KVM notes and
+# no oops) and load them again (it must register again).
+INSMOD = ("for m in irqbypass kvm kvm-amd kvm-intel; do [ -f /lib/modules/$m.ko ] && "
+          "insmod /lib/modules/$m.ko; done; lsmod")
+RMMOD = "rmmod kvm_amd 2>/dev/null; rmmod kvm_intel 2>/dev/null; rmmod kvm"
+MODULE_SPECS = [
+    _s("unload", ["--nonkvm"], notes="none", pre=[RMMOD, "lsmod > /out/unload/lsmod.txt"]),
+    _s("reload", ["--halt", "1"], kinds=[H], pre=[INSMOD]),
+]
+BY_NAME = {s.name: s for s in SPECS + MODULE_SPECS}
 
 # On the unpatched kernel: enough to show "no KVM notes" and to get the
 # reference note list of a non-KVM process.

@@ -9,17 +9,18 @@ from __future__ import annotations
 import pytest
 
 from conftest import get_boot, need_patched, need_vendor
+from scenarios import INSMOD
 from test_e2e import _no_kvm_notes, check_positive, check_zero_vcpu, ctx
 
 CORE = ("real1", "pm32", "long2", "mixed8")
-MODS = "for m in irqbypass kvm kvm-amd kvm-intel; do [ -f /lib/modules/$m.ko ] && insmod /lib/modules/$m.ko; done; lsmod"
 
 VARIANTS = [
     pytest.param("svm", dict(variant="patched-modules", modules=True, tag="modules",
-                             extra_preamble=(MODS,), names=CORE + ("disabled",)),
+                             extra_preamble=(INSMOD,),
+                             names=CORE + ("disabled", "unload", "reload")),
                  marks=[pytest.mark.svm, pytest.mark.slow], id="svm-modules"),
     pytest.param("vmx", dict(variant="patched-modules", modules=True, tag="modules",
-                             extra_preamble=(MODS,), names=CORE),
+                             extra_preamble=(INSMOD,), names=CORE + ("unload", "reload")),
                  marks=[pytest.mark.vmx, pytest.mark.slow], id="vmx-modules"),
     pytest.param("svm", dict(variant="patched", cmdline="kvm_amd.npt=0", tag="npt0", names=CORE),
                  marks=[pytest.mark.svm, pytest.mark.slow], id="svm-npt0"),
@@ -47,6 +48,10 @@ def test_variant(vendor, cfg):
     assert b.splats() == [], f"kernel splats: {b.splats()}{ctx(b)}"
     for n in names:
         if n == "disabled":
+            _no_kvm_notes(b, n)
+        elif n == "unload":
+            lsmod = (b.file("unload", "lsmod.txt") or b"").decode()
+            assert "kvm" not in lsmod, f"kvm still loaded before 'unload':\n{lsmod}{ctx(b)}"
             _no_kvm_notes(b, n)
         elif n == "novcpu":
             check_zero_vcpu(b)
