@@ -258,3 +258,15 @@ def test_crash_bt_equals_qemu(run61: dict) -> None:
     print("\ncrash on kvmnote's vmcore (6.1 guest):\n" + ours)
     assert ours == ref
     assert "PID: 0" in ours and "swapper/" in ours and "COMMAND: \"dd\"" in ours
+
+
+def test_drgn_traces_equal_qemu_61(run61: dict) -> None:
+    """drgn on the 6.1 guest too: same per-CPU traces from ours as from QEMU's dump."""
+    ours = drgn_traces(run61["out"] / "paused.kvmnote-vmcore", run61["vmlinux"])
+    ref = drgn_traces(run61["out"] / "paused.qemu-dump", run61["vmlinux"])
+    print("\ndrgn on kvmnote's vmcore (6.1 guest):\n" + ours)
+    assert ours == ref
+    cpus = per_cpu(ours)
+    assert len(cpus) == 2 and any("comm=dd" in k for k in cpus), cpus
+    idle = [v for k, v in cpus.items() if "comm=swapper" in k]
+    assert idle and any("do_idle" in f for f in idle[0]), cpus
