@@ -17,6 +17,11 @@ ROOT = Path(__file__).resolve().parents[2]
 BUSYBOX = "/bin/busybox"
 QEMU = "/usr/bin/qemu-system-x86_64"
 GUEST_MIB = 128
+# A fixed TSC frequency for L1. Under load L1's PIT calibration of the TSC fails
+# ("Marking TSC unstable"), KVM is left with tsc_khz = 0 and KVM_RUN never enters
+# the guest: every attempt of the CI run of stop 6 hung that way. tests/e2e/harness.py
+# says the same for its own boots.
+L1_TSC = "tsc_early_khz=2000000"
 
 # L2: one CPU runs dd (reading /dev/zero: in the kernel, clear_user), the other idles.
 GUEST_INIT = """#!/bin/sh
@@ -171,6 +176,15 @@ def kernel(*args: str, env: dict[str, str] | None = None) -> Path:
     return path
 
 
+def _logs_tail(out: Path) -> str:
+    """The last lines of every L2 console and QEMU stderr that came back, for a failure."""
+    text = ""
+    for p in sorted(out.glob("*.guest.log")) + sorted(out.glob("*.qemu.err")):
+        tail = p.read_text(errors="replace").splitlines()[-15:]
+        text += f"\n--- {p.name} (last {len(tail)} lines)\n" + "\n".join(tail)
+    return text
+
+
 def run(work: Path, host_kernel: Path, guest_kernel: Path, timeout: float = 900,
         scenarios: tuple[str, ...] = ("paused", "running")) -> dict:
     """Boot L1 once (all `scenarios`); return paths and timings of what came out."""
@@ -186,7 +200,7 @@ def run(work: Path, host_kernel: Path, guest_kernel: Path, timeout: float = 900,
            "-smp", "2,sockets=2,cores=1,threads=1", "-m", "4096", "-nographic", "-no-reboot",
            "-kernel", str(host_kernel), "-initrd", str(host_rd),
            "-drive", f"file={disk},format=raw,if=virtio",
-           "-append", "console=ttyS0 panic=-1"]
+           "-append", "console=ttyS0 panic=-1 " + L1_TSC]
     t1 = time.monotonic()
     with open(work / "l1-console.log", "wb") as log:
         rc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=log,
@@ -196,10 +210,12 @@ def run(work: Path, host_kernel: Path, guest_kernel: Path, timeout: float = 900,
     out = work / "out"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir()
+    if "tar done" in console:
+        with tarfile.open(disk) as tar:
+            tar.extractall(out, filter="data")
     if "tar done" not in console or console.count("guest ready") != len(scenarios):
-        raise RuntimeError(f"L1 run failed (rc {rc}); console tail:\n" + console[-3000:])
-    with tarfile.open(disk) as tar:
-        tar.extractall(out, filter="data")
+        raise RuntimeError(f"L1 run failed (rc {rc}); console tail:\n" + console[-3000:]
+                           + _logs_tail(out))
     disk.unlink()
     return {"out": out, "console": console, "initramfs_s": t_rd, "l1_run_s": t_run}
 
