@@ -67,8 +67,8 @@ qemu_fw_cfg.ioport=12@0x510:0:1:4" 2> /tmp/out/$1.qemu.err &
     return 1
 }
 run() {  # $1 = scenario name, $2 = paused|running
-    # Seen 2 times in 8: QEMU 7.2 reports "running" but its vCPU threads wait on a
-    # futex and never call KVM_RUN (the cores say never_ran). Try again, up to 3 times.
+    # QEMU reporting "running" with a guest that never prints was L1's failed TSC
+    # calibration (see L1_TSC); the retries stay for any other slow start.
     for attempt in 1 2 3; do
         start $1 && break
         qmp '{"execute":"query-status"}' $1
