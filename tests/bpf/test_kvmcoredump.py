@@ -27,8 +27,8 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from bpf_prereq import need  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from prereq import need  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE = Path(os.environ.get("KVMNOTE_CACHE", Path.home() / ".cache" / "kvmnote"))

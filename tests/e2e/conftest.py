@@ -17,8 +17,10 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import harness  # noqa: E402
+from prereq import need  # noqa: E402,F401 (test_e2e imports it from here)
 from scenarios import BASE_PREAMBLE, BY_NAME, SPECS  # noqa: E402
 
 
@@ -34,15 +36,6 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if "/e2e/" in str(item.fspath):
             item.add_marker(pytest.mark.e2e)
-
-
-def need(cond: bool, reason: str):
-    """Skip loudly when a prerequisite is missing; under CI=true, fail."""
-    if cond:
-        return
-    if harness.in_ci():
-        pytest.fail(f"CI=true and a prerequisite is missing: {reason}")
-    pytest.skip(f"SKIPPED, PREREQUISITE MISSING: {reason}")
 
 
 def need_vendor(vendor: str):

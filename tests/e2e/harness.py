@@ -47,10 +47,6 @@ class HarnessError(Exception):
     """The emulator run did not produce what the test needs."""
 
 
-def in_ci() -> bool:
-    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
-
-
 # --------------------------------------------------------------------------
 # Kernels
 

@@ -6,21 +6,15 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
-import pytest
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from prereq import need  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD = REPO / "kpatch" / "build.sh"
 TARBALL = Path(os.environ.get("KVMNOTE_LINUX_TARBALL", "/usr/src/linux-source-6.12.tar.xz"))
-
-
-def need(cond: bool, reason: str) -> None:
-    if cond:
-        return
-    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-        pytest.fail(f"CI=true and a prerequisite is missing: {reason}")
-    pytest.skip(f"SKIPPED, PREREQUISITE MISSING: {reason}")
 
 
 def patches() -> list[Path]:
