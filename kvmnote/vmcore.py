@@ -187,8 +187,8 @@ def read_vmcoreinfo_file(path: str) -> bytes:
 class VmcoreinfoScanner:
     """Find the kernel's VMCOREINFO ELF note in guest RAM fed in ascending order.
 
-    Linux (since 4.13) allocates the note with alloc_pages_exact(), so only page starts
-    are looked at: a check per page instead of a search of every byte.
+    Linux (since 4.13) allocates the note with alloc_pages_exact(), so only notes at a
+    page start count, and only pages that start with the note's first byte are looked at.
     """
 
     HEAD = (len(S.VMCOREINFO_NOTE_NAME) + 1).to_bytes(4, "little")       # n_namesz
@@ -209,13 +209,19 @@ class VmcoreinfoScanner:
                 self._check(at, note + bytes(data[:24 + descsz - len(note)]), descsz)
                 if self.found is not None or self._partial is not None:
                     return
-        for p in range(-gpa % PAGE, len(data), PAGE):
-            if data.startswith(self.HEAD, p) and data.startswith(self.NAME, p + 8):
-                descsz = int.from_bytes(data[p + 4:p + 8], "little")
-                if 10 < descsz <= VMCOREINFO_MAX:
-                    self._check(gpa + p, bytes(data[p:p + 24 + descsz]), descsz)
-                    if self.found is not None or self._partial is not None:
-                        return
+        # Candidates: the page starts whose first byte is n_namesz's, found in C.
+        heads = data[::PAGE]
+        i = heads.find(self.HEAD[0])
+        while i >= 0:
+            p = i * PAGE
+            i = heads.find(self.HEAD[0], i + 1)
+            if not (data.startswith(self.HEAD, p) and data.startswith(self.NAME, p + 8)):
+                continue
+            descsz = int.from_bytes(data[p + 4:p + 8], "little")
+            if 10 < descsz <= VMCOREINFO_MAX:
+                self._check(gpa + p, bytes(data[p:p + 24 + descsz]), descsz)
+                if self.found is not None or self._partial is not None:
+                    return
 
     def _check(self, gpa: int, note: bytes, descsz: int) -> None:
         """Accept a complete, valid note; remember an incomplete one."""
@@ -304,22 +310,34 @@ class _Writer:
         self.fd = fd
 
     def write(self, offset: int, data: bytes | bytearray) -> None:
-        """Write `data` at `offset`, skipping its all-zero pages."""
-        if data == ZERO_CHUNK[:len(data)]:
+        """Write `data` at `offset`, skipping its all-zero pages (and an all-zero last
+        partial page).
+
+        Only pages whose first byte is zero can be zero pages: those are found with one
+        slice and bytes.find (in C), and only they are compared whole, so the Python loop
+        runs per candidate page, not per page.
+        """
+        n = len(data)
+        if data == ZERO_CHUNK[:n]:
             return
-        if data.find(ZERO_PAGE) < 0:       # no zero page possible: one write, no loop
-            os.pwrite(self.fd, data, offset)
-            return
-        run = -1
-        for p in range(0, len(data), PAGE):
-            zero = data.startswith(ZERO_PAGE[:len(data) - p], p, p + PAGE)
-            if zero and run >= 0:
-                os.pwrite(self.fd, memoryview(data)[run:p], offset + run)
-                run = -1
-            elif not zero and run < 0:
-                run = p
-        if run >= 0:
-            os.pwrite(self.fd, memoryview(data)[run:], offset + run)
+        view = memoryview(data)
+        full = n // PAGE
+        heads = data[::PAGE]                        # the first byte of every page
+        pos = 0                                     # [pos, n) is not written yet
+        i = heads.find(0)
+        while 0 <= i < full:
+            page = i * PAGE
+            if data.startswith(ZERO_PAGE, page):
+                if page > pos:
+                    os.pwrite(self.fd, view[pos:page], offset + pos)
+                pos = page + PAGE
+            i = heads.find(0, i + 1)
+        end = n
+        if full * PAGE >= pos and n > full * PAGE and data.startswith(ZERO_PAGE[:n - full * PAGE],
+                                                                       full * PAGE):
+            end = full * PAGE
+        if end > pos:
+            os.pwrite(self.fd, view[pos:end], offset + pos)
 
 
 def _copy_ram(core: Core, slots: list[tuple[int, int, int]], offsets: list[int],

@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import zstandard
 from elftools.elf.elffile import ELFFile
 
@@ -427,3 +429,66 @@ def test_disk_full_is_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixtu
         assert not (small / "v").exists()
     finally:
         subprocess.run(["umount", str(small)], check=True)
+
+
+# One page of each kind: zero, data, and zeros that straddle a page boundary without
+# filling a page (the case that makes a search for ZERO_PAGE match off a page start).
+PAGE_KINDS = {
+    "zero": bytes(4096),
+    "data": b"\x5a" * 4096,
+    "zero_tail": b"\x01" + bytes(4095),      # with the next zero_head: 8190 zeros
+    "zero_head": bytes(4095) + b"\x02",
+}
+
+
+@settings(max_examples=150, deadline=None)
+@given(kinds=st.lists(st.sampled_from(sorted(PAGE_KINDS)), min_size=1, max_size=24),
+       tail=st.sampled_from([0, 1, 100, 4095]), tail_zero=st.booleans())
+def test_writer_holes_exactly_the_zero_pages(tmp_path_factory: pytest.TempPathFactory,
+                                              kinds: list[str], tail: int,
+                                              tail_zero: bool) -> None:
+    """_Writer against a page-by-page model: same bytes, holes exactly where a page (or the
+    partial last page) is all zero."""
+    from kvmnote.vmcore import _Writer
+    data = b"".join(PAGE_KINDS[k] for k in kinds) + (bytes(tail) if tail_zero else b"\x07" * tail)
+    path = tmp_path_factory.mktemp("w") / "out"
+    base = 3 * 4096
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        _Writer(fd).write(base, bytearray(data))
+        os.ftruncate(fd, base + -(-len(data) // 4096) * 4096 + 4096)
+        assert os.pread(fd, len(data), base) == data
+        for i in range(0, len(data), 4096):
+            page = data[i:i + 4096]
+            try:
+                hole = os.lseek(fd, base + i, os.SEEK_DATA) > base + i
+            except OSError:       # ENXIO: nothing but holes from here on
+                hole = True
+            assert hole == (page == bytes(len(page))), (i // 4096, kinds, tail, tail_zero)
+    finally:
+        os.close(fd)
+
+
+@settings(max_examples=80, deadline=None)
+@given(page=st.integers(1, 60), shift=st.sampled_from([0, 8, 4096 - 8, 100]),
+       decoys=st.integers(0, 3))
+def test_vmcoreinfo_scanner_only_page_aligned(page: int, shift: int, decoys: int) -> None:
+    """Fed page-aligned chunks, the scanner finds the note at a page start in any chunk,
+    and ignores copies of it off a page start and a page that only starts like it."""
+    from kvmnote.vmcore import CHUNK, VmcoreinfoScanner
+    text = b"OSRELEASE=6.12.0\nPAGESIZE=4096\n"
+    note = S.build_note(S.VMCOREINFO_NOTE_NAME, 0, text)
+    ram = bytearray(64 * 4096)
+    for d in range(decoys):                 # off a page start: to be ignored
+        at = 4096 * d + 24 + d
+        ram[at:at + len(note)] = note
+    ram[(page - 1) * 4096] = note[0]        # a page that only starts like the note
+    at = page * 4096 + shift
+    ram[at:at + len(note)] = note
+    scan, base = VmcoreinfoScanner(), 0x100000
+    for pos in range(0, len(ram), CHUNK // 4):
+        scan.feed(base + pos, ram[pos:pos + CHUNK // 4])
+    if (base + at) % 4096 == 0:
+        assert scan.found == (base + at, text)
+    else:
+        assert scan.found is None
