@@ -332,9 +332,8 @@ class _Writer:
                     os.pwrite(self.fd, view[pos:page], offset + pos)
                 pos = page + PAGE
             i = heads.find(0, i + 1)
-        end = n
-        if full * PAGE >= pos and n > full * PAGE and data.startswith(ZERO_PAGE[:n - full * PAGE],
-                                                                       full * PAGE):
+        end, tail = n, n - full * PAGE              # a partial last page, all zero: a hole
+        if tail and data.startswith(ZERO_PAGE[:tail], full * PAGE):
             end = full * PAGE
         if end > pos:
             os.pwrite(self.fd, view[pos:end], offset + pos)
