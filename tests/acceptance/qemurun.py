@@ -13,15 +13,13 @@ import tarfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from testlib import L1_TSC  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[2]
 BUSYBOX = "/bin/busybox"
 QEMU = "/usr/bin/qemu-system-x86_64"
 GUEST_MIB = 128
-# A fixed TSC frequency for L1. Under load L1's PIT calibration of the TSC fails
-# ("Marking TSC unstable"), KVM is left with tsc_khz = 0 and KVM_RUN never enters
-# the guest: every attempt of the CI run of stop 6 hung that way. tests/e2e/harness.py
-# says the same for its own boots.
-L1_TSC = "tsc_early_khz=2000000"
 
 # L2: one CPU runs dd (reading /dev/zero: in the kernel, clear_user), the other idles.
 GUEST_INIT = """#!/bin/sh
@@ -68,7 +66,7 @@ qemu_fw_cfg.ioport=12@0x510:0:1:4" 2> /tmp/out/$1.qemu.err &
 }
 run() {  # $1 = scenario name, $2 = paused|running
     # QEMU reporting "running" with a guest that never prints was L1's failed TSC
-    # calibration (see L1_TSC); the retries stay for any other slow start.
+    # calibration (tests/testlib.py, L1_TSC); the retries stay for any other slow start.
     for attempt in 1 2 3; do
         start $1 && break
         qmp '{"execute":"query-status"}' $1

@@ -20,7 +20,7 @@ from elftools.elf.elffile import ELFFile
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import qemurun  # noqa: E402
-from prereq import need  # noqa: E402
+from testlib import need  # noqa: E402
 
 pytestmark = pytest.mark.acceptance
 WORK = Path(os.environ.get("KVMNOTE_ACCEPTANCE_DIR", "/tmp/kvmnote-acceptance"))

@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from prereq import need  # noqa: E402
+from testlib import L1_TSC, need  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE = Path(os.environ.get("KVMNOTE_CACHE", Path.home() / ".cache" / "kvmnote"))
@@ -140,7 +140,7 @@ def run(tmp_path_factory):
            "-smp", "2,sockets=2,cores=1,threads=1", "-m", "1024",
            "-nographic", "-no-reboot", "-kernel", kernel,
            "-append", "console=ttyS0 root=/dev/vda rw rootfstype=ext4 "
-                      "init=/sbin/kvmnote-init panic=-1 tsc_early_khz=2000000",
+                      "init=/sbin/kvmnote-init panic=-1 " + L1_TSC,
            "-drive", f"file={rootfs},if=virtio,format=raw,snapshot=on",
            "-drive", f"file={d / 'in.tar'},if=virtio,format=raw,readonly=on",
            "-drive", f"file={d / 'out.img'},if=virtio,format=raw"]

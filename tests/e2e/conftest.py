@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import harness  # noqa: E402
-from prereq import need  # noqa: E402,F401 (test_e2e imports it from here)
+from testlib import need  # noqa: E402,F401 (test_e2e imports it from here)
 from scenarios import BASE_PREAMBLE, BY_NAME, SPECS  # noqa: E402
 
 

@@ -27,9 +27,13 @@ import socket
 import stat
 import subprocess
 import threading
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from testlib import L1_TSC  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 VMM_DIR = REPO / "tests" / "vmm"
@@ -331,21 +335,13 @@ def bochs_available() -> bool:
             and Path("/usr/share/bochs/BIOS-bochs-latest").exists())
 
 
-# Under a loaded host the guest's PIT-based TSC calibration fails now and then
-# ("tsc: Marking TSC unstable due to could not calculate TSC khz"); KVM then
-# has tsc_khz = 0, kvm_guest_time_update() keeps re-raising
-# KVM_REQ_CLOCK_UPDATE and KVM_RUN never enters the guest (it spun for 60 s
-# until the VMM gave up). A fixed TSC frequency avoids the calibration.
-QEMU_TSC = "tsc_early_khz=2000000"
-
-
 def _run_qemu(work: Path, kernel: Path, initrd: Path, cmdline: str, timeout: float,
               cpu: str) -> tuple[int | None, bool]:
     log = open(work / "console.log", "wb")
     cmd = ["qemu-system-x86_64", "-accel", "tcg", "-cpu", cpu,
            "-smp", "2,sockets=2,cores=1,threads=1", "-m", "512", "-nographic",
            "-no-reboot", "-kernel", str(kernel), "-initrd", str(initrd),
-           "-append", f"console=ttyS0 panic=-1 {QEMU_TSC} {cmdline}".strip()]
+           "-append", f"console=ttyS0 panic=-1 {L1_TSC} {cmdline}".strip()]
     (work / "cmd.txt").write_text(shlex.join(cmd) + "\n")
     p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                          start_new_session=True)

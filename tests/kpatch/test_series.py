@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from prereq import need  # noqa: E402
+from testlib import need  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD = REPO / "kpatch" / "build.sh"
