@@ -26,8 +26,8 @@ import shutil
 import socket
 import stat
 import subprocess
-import threading
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
