@@ -17,7 +17,7 @@ from elftools.elf.elffile import ELFFile
 from . import schema as S
 from .errors import (CompressedError, CorruptNoteError, KvmnoteError, MissingDataError,
                      NoKvmNotesError, NotCoreError, NotElfError, TruncatedError)
-from .notes import Vcpu, Vm, parse_desc
+from .notes import Dropped, Vcpu, Vm, parse_desc
 
 ELF_MAGIC = b"\x7fELF"
 COMPRESSION_MAGIC = {b"\x28\xb5\x2f\xfd": "zstd", b"\x04\x22\x4d\x18": "lz4",
@@ -159,6 +159,7 @@ class Core:
     files: list[tuple[int, int, int, str]] = field(default_factory=list)
     vms: list[Vm] = field(default_factory=list)
     vcpus: list[Vcpu] = field(default_factory=list)
+    dropped: list[Dropped] = field(default_factory=list)
     loads: list[Load] = field(default_factory=list)
     _source: Any = None
 
@@ -370,16 +371,19 @@ def _parse(src: _Source, require_kvm: bool) -> Core:
                                  f"decompressed core ends at {ph['p_offset'] + len(data)}")
         for name, ntype, desc, off in _notes(data, where):
             note_where = f"{where}: note at offset {off}"
-            if name == S.KVM_CORE_NOTE_NAME and ntype in (S.NT_KVM_VM, S.NT_KVM_VCPU):
+            if name == S.KVM_CORE_NOTE_NAME and ntype in (S.NT_KVM_VM, S.NT_KVM_VCPU,
+                                                          S.NT_KVM_DROPPED):
                 obj = parse_desc(ntype, desc, note_where)
                 if isinstance(obj, Vm):
                     core.vms.append(obj)
+                elif isinstance(obj, Dropped):
+                    core.dropped.append(obj)
                 else:
                     core.vcpus.append(obj)
             elif name == b"CORE":
                 _standard_note(core, ntype, desc, note_where)
     core.loads.sort(key=lambda ld: ld.vaddr)
-    if require_kvm and not core.vms and not core.vcpus:
+    if require_kvm and not core.vms and not core.vcpus and not core.dropped:
         raise NoKvmNotesError("no KVM notes: was this core written by a kernel with the "
                               "kvmnote patches, and was the process a KVM VMM?")
     by_index = {vm.vm_index: vm for vm in core.vms}

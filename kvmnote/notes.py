@@ -43,6 +43,14 @@ class Vcpu:
         return self.info["vm_index"]
 
 
+@dataclass
+class Dropped:
+    """The NT_KVM_DROPPED note (1.1): VMs, vCPUs and memslots the kernel left out."""
+
+    info: dict[str, Any]
+    version: tuple[int, int]
+
+
 def _records(desc: bytes, where: str) -> tuple[dict[str, Any], list[tuple[int, int, bytes]]]:
     """Check the header and framing; return the header and (type, offset, payload)s."""
     hsize = S.size(S.kvm_core_header)
@@ -84,6 +92,11 @@ def _records(desc: bytes, where: str) -> tuple[dict[str, Any], list[tuple[int, i
     return hdr, out
 
 
+# Records that are a header with a count and that many entries.
+_ARRAYS = {S.KVM_CORE_REC_MSRS: ("nmsrs", S.kvm_msr_entry),
+           S.KVM_CORE_REC_CPUID: ("nent", S.kvm_cpuid_entry2)}
+
+
 def _decode(rtype: int, payload: bytes, what: str) -> Any:
     """Decode the payload of a known record type (prefix rule applied)."""
     struct = S.RECORDS[rtype][1]
@@ -100,23 +113,25 @@ def _decode(rtype: int, payload: bytes, what: str) -> Any:
         return bytes(payload)
     if rtype == S.KVM_CORE_REC_LAPIC:
         return bytes(payload[:S.KVM_APIC_REG_SIZE])
-    if rtype == S.KVM_CORE_REC_MSRS:
-        nmsrs = S.parse(S.kvm_msrs_header, payload)["nmsrs"]
-        esize = S.size(S.kvm_msr_entry)
-        need = S.size(struct) + nmsrs * esize
+    if rtype in _ARRAYS:
+        count_field, entry = _ARRAYS[rtype]
+        count = S.parse(struct, payload)[count_field]
+        esize, hsize = S.size(entry), S.size(struct)
+        need = hsize + count * esize
         if len(payload) < need:
-            raise CorruptNoteError(f"{what}: nmsrs {nmsrs} needs {need} bytes, "
+            raise CorruptNoteError(f"{what}: {count_field} {count} needs {need} bytes, "
                                    f"payload has {len(payload)}")
-        return [S.parse(S.kvm_msr_entry, payload[8 + i * esize:])
-                for i in range(nmsrs)]
+        return [S.parse(entry, payload[hsize + i * esize:]) for i in range(count)]
     return S.parse(struct, payload)
 
 
-def parse_desc(ntype: int, desc: bytes, where: str) -> Vm | Vcpu:
-    """Parse an NT_KVM_VM or NT_KVM_VCPU descriptor; `where` names it in errors."""
+def parse_desc(ntype: int, desc: bytes, where: str) -> Vm | Vcpu | Dropped:
+    """Parse an NT_KVM_VM, NT_KVM_VCPU or NT_KVM_DROPPED descriptor; `where`
+    names it in errors."""
     hdr, recs = _records(desc, where)
-    first, known = ((S.KVM_CORE_REC_VM, S.VM_RECORDS) if ntype == S.NT_KVM_VM
-                    else (S.KVM_CORE_REC_VCPU, S.VCPU_RECORDS))
+    first, known = {S.NT_KVM_VM: (S.KVM_CORE_REC_VM, S.VM_RECORDS),
+                    S.NT_KVM_DROPPED: (S.KVM_CORE_REC_DROPPED, S.DROPPED_RECORDS),
+                    }.get(ntype, (S.KVM_CORE_REC_VCPU, S.VCPU_RECORDS))
     if not recs or recs[0][0] != first:
         raise CorruptNoteError(f"{where}: first record is not "
                                f"{S.RECORDS[first][0].upper()} (type {first})")
@@ -132,6 +147,8 @@ def parse_desc(ntype: int, desc: bytes, where: str) -> Vm | Vcpu:
             raise CorruptNoteError(f"{what}: duplicate record")
         records[name] = _decode(rtype, payload, what)
     version = (hdr["major"], hdr["minor"])
+    if ntype == S.NT_KVM_DROPPED:
+        return Dropped(records["dropped"], version)
     if ntype == S.NT_KVM_VM:
         vm = records["vm"]
         slots = records.get("memslots", [])

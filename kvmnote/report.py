@@ -4,6 +4,7 @@ from typing import Any
 
 from . import decode as D
 from .core import Core
+from . import schema as S
 from .notes import Vcpu, Vm
 
 SCHEMA = "kvmnote-read/1"
@@ -22,6 +23,7 @@ def _clean(obj: Any) -> Any:
 def vm_json(vm: Vm) -> dict[str, Any]:
     """A VM as kvmnote-read/1 JSON."""
     return {**_clean(vm.info), "vendor": D.vendor(vm.info["vendor"]),
+            "flags_names": D.bits(vm.info["flags"], S.VM_FLAG_NAMES),
             "memslots": _clean(vm.memslots)}
 
 
@@ -47,6 +49,10 @@ def vcpu_json(vcpu: Vcpu) -> dict[str, Any]:
     if "msrs" in r:
         out["msrs"] = [{"index": m["index"], "name": D.MSR_NAMES.get(m["index"]),
                         "value": m["data"]} for m in r["msrs"]]
+    if "cpuid" in r:
+        out["cpuid"] = _clean(r["cpuid"])
+    if "tsc" in r:
+        out["tsc"] = _clean(r["tsc"])
     if "vmx_exit" in r:
         out["exit"] = {"type": "vmx", **_clean(r["vmx_exit"]),
                        "reason_name": D.vmx_exit_reason(r["vmx_exit"]["exit_reason"])}
@@ -70,7 +76,8 @@ def to_json(core: Core, vcpus: list[Vcpu]) -> dict[str, Any]:
             "core": {"path": core.path, "pid": core.pid, "comm": core.comm,
                      "signal": signal(core)},
             "vms": [vm_json(vm) for vm in core.vms],
-            "vcpus": [vcpu_json(v) for v in vcpus]}
+            "vcpus": [vcpu_json(v) for v in vcpus],
+            "dropped": [_clean(d.info) for d in core.dropped]}
 
 
 def _flags(value: int, names: dict[int, str]) -> str:
@@ -85,7 +92,8 @@ def text(core: Core, vcpus: list[Vcpu], full: bool) -> str:
     out = [f"core {c['path']}: pid {c['pid']} comm {c['comm']} signal {c['signal']}"]
     for vm in doc["vms"]:
         out.append(f"\nVM {vm['vm_index']}: vendor {vm['vendor']}, {vm['nr_vcpus']} vCPUs, "
-                   f"vm_type {vm['vm_type']}, flags {vm['flags']:#x}, pid {vm['pid']}")
+                   f"vm_type {vm['vm_type']}, flags {_flags(vm['flags'], S.VM_FLAG_NAMES)}, "
+                   f"pid {vm['pid']}")
         out.append(f"  {'slot':>5} {'as':>2} {'flags':<24} {'GPA range':<35} "
                    f"{'size':>12}  userspace addr")
         for m in vm["memslots"]:
@@ -94,6 +102,9 @@ def text(core: Core, vcpus: list[Vcpu], full: bool) -> str:
                        f"{','.join(D.bits(m['flags'], D.MEMSLOT_FLAGS)) or '-':<24} "
                        f"{m['guest_phys_addr']:#018x}-{end:#018x} {m['memory_size']:>12}  "
                        f"{m['userspace_addr']:#x}")
+    for d in doc["dropped"]:
+        out.append(f"\nthe kernel left out, for lack of memory ({D.error(d['reason'])}): "
+                   f"{d['nr_vms']} VMs, {d['nr_vcpus']} vCPUs, {d['nr_memslots']} memslots")
     for v, raw in zip(doc["vcpus"], vcpus):
         out += _vcpu_text(v, raw, full)
     return "\n".join(out) + "\n"

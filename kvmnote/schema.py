@@ -14,9 +14,10 @@ from construct import (Array, Bytes, Construct, Int8ul, Int16ul, Int32sl, Int32u
 KVM_CORE_NOTE_NAME = b"KVM"
 NT_KVM_VCPU = 0x4B564D43  # "KVMC"
 NT_KVM_VM = 0x4B564D56  # "KVMV"
+NT_KVM_DROPPED = 0x4B564D44  # "KVMD" (1.1)
 
 KVM_CORE_VERSION_MAJOR = 1
-KVM_CORE_VERSION_MINOR = 0
+KVM_CORE_VERSION_MINOR = 1
 
 # Record types.
 KVM_CORE_REC_VCPU = 1
@@ -31,8 +32,12 @@ KVM_CORE_REC_LAPIC = 9
 KVM_CORE_REC_MSRS = 10
 KVM_CORE_REC_VMX_EXIT = 11
 KVM_CORE_REC_SVM_EXIT = 12
+KVM_CORE_REC_CPUID = 13  # 1.1
+KVM_CORE_REC_TSC = 14  # 1.1
 KVM_CORE_REC_VM = 16
 KVM_CORE_REC_MEMSLOTS = 17
+KVM_CORE_REC_DROPPED = 18  # 1.1
+KVM_CORE_DROPPED_UNKNOWN = 0xFFFFFFFF  # 1.1: all left out, number unknown
 
 # Hardware virtualization extension of the host.
 KVM_CORE_VENDOR_UNKNOWN = 0
@@ -46,21 +51,25 @@ KVM_CORE_VCPU_PROTECTED = 1 << 1
 KVM_CORE_VCPU_UNREADABLE = 1 << 2
 KVM_CORE_VCPU_GUEST_MODE = 1 << 3
 KVM_CORE_VCPU_NEVER_RAN = 1 << 4
+KVM_CORE_VCPU_PARTIAL = 1 << 5  # 1.1
 STATUS_NAMES = {KVM_CORE_VCPU_VALID: "valid", KVM_CORE_VCPU_PROTECTED: "protected",
                 KVM_CORE_VCPU_UNREADABLE: "unreadable",
                 KVM_CORE_VCPU_GUEST_MODE: "guest_mode",
-                KVM_CORE_VCPU_NEVER_RAN: "never_ran"}
+                KVM_CORE_VCPU_NEVER_RAN: "never_ran", KVM_CORE_VCPU_PARTIAL: "partial"}
 
 # struct kvm_core_vcpu.error codes.
 KVM_CORE_ERR_NONE = 0
 KVM_CORE_ERR_BUSY = 1
 KVM_CORE_ERR_NOMEM = 2
 KVM_CORE_ERR_DISABLED = 3
+KVM_CORE_ERR_GETTER = 4  # 1.1
 ERROR_NAMES = {KVM_CORE_ERR_BUSY: "busy", KVM_CORE_ERR_NOMEM: "nomem",
-               KVM_CORE_ERR_DISABLED: "disabled"}
+               KVM_CORE_ERR_DISABLED: "disabled", KVM_CORE_ERR_GETTER: "getter_failed"}
 
 KVM_CORE_VMX_GPA_VALID = 1 << 0
 KVM_CORE_VM_PROTECTED = 1 << 0
+KVM_CORE_VM_DEAD = 1 << 1  # 1.1
+VM_FLAG_NAMES = {0: "protected", 1: "dead"}  # bit number -> name (decode.bits)
 
 # Minimum size of the KVM_GET_XSAVE2 buffer (a struct kvm_xsave).
 KVM_XSAVE_MIN_SIZE = 4096
@@ -105,6 +114,14 @@ kvm_core_vm = Struct(
     "vm_index" / Int32ul, "vendor" / Int32ul, "nr_vcpus" / Int32ul,
     "nr_memslots" / Int32ul, "vm_type" / Int32ul, "flags" / Int32ul,
     "pid" / Int32sl, "reserved" / Int32ul)
+
+kvm_core_tsc = Struct(
+    "guest_tsc" / Int64ul, "host_tsc" / Int64ul, "tsc_offset" / Int64ul,
+    "tsc_scaling_ratio" / Int64ul, "kvmclock_ns" / Int64ul, "host_realtime_ns" / Int64ul,
+    "tsc_khz" / Int32ul, "tsc_scaling_frac_bits" / Int32ul)
+
+kvm_core_dropped = Struct(
+    "nr_vms" / Int32ul, "nr_vcpus" / Int32ul, "nr_memslots" / Int32ul, "reason" / Int32ul)
 
 kvm_core_memslot = Struct(
     "as_id" / Int16ul, "reserved" / Int16ul, "slot" / Int32ul, "flags" / Int32ul,
@@ -167,6 +184,12 @@ kvm_msr_entry = Struct("index" / Int32ul, "reserved" / Int32ul, "data" / Int64ul
 kvm_msrs_header = Struct("nmsrs" / Int32ul, "pad" / Int32ul)
 kvm_msrs = Struct("nmsrs" / Int32ul, "pad" / Int32ul,
                   "entries" / Array(this.nmsrs, kvm_msr_entry))
+
+kvm_cpuid_entry2 = Struct(
+    "function" / Int32ul, "index" / Int32ul, "flags" / Int32ul, "eax" / Int32ul,
+    "ebx" / Int32ul, "ecx" / Int32ul, "edx" / Int32ul, "padding" / Array(3, Int32ul))
+# Fixed part of struct kvm_cpuid2; `nent` kvm_cpuid_entry2 follow.
+kvm_cpuid2_header = Struct("nent" / Int32ul, "padding" / Int32ul)
 
 # First bytes of the XSAVE area that kvmnote decodes (legacy region + header).
 xsave_prefix = Struct(
@@ -261,11 +284,15 @@ RECORDS: dict[int, tuple[str, Construct]] = {
     KVM_CORE_REC_MSRS: ("msrs", kvm_msrs_header),
     KVM_CORE_REC_VMX_EXIT: ("vmx_exit", kvm_core_vmx_exit),
     KVM_CORE_REC_SVM_EXIT: ("svm_exit", kvm_core_svm_exit),
+    KVM_CORE_REC_CPUID: ("cpuid", kvm_cpuid2_header),
+    KVM_CORE_REC_TSC: ("tsc", kvm_core_tsc),
     KVM_CORE_REC_VM: ("vm", kvm_core_vm),
     KVM_CORE_REC_MEMSLOTS: ("memslots", kvm_core_memslot),
+    KVM_CORE_REC_DROPPED: ("dropped", kvm_core_dropped),
 }
-VCPU_RECORDS = frozenset(range(KVM_CORE_REC_VCPU, KVM_CORE_REC_SVM_EXIT + 1))
+VCPU_RECORDS = frozenset(range(KVM_CORE_REC_VCPU, KVM_CORE_REC_TSC + 1))
 VM_RECORDS = frozenset({KVM_CORE_REC_VM, KVM_CORE_REC_MEMSLOTS})
+DROPPED_RECORDS = frozenset({KVM_CORE_REC_DROPPED})
 
 STRUCTS: dict[str, Construct] = {
     "kvm_core_header": kvm_core_header, "kvm_core_record": kvm_core_record,
@@ -276,7 +303,9 @@ STRUCTS: dict[str, Construct] = {
     "kvm_debugregs": kvm_debugregs, "kvm_vcpu_events": kvm_vcpu_events,
     "kvm_xcrs": kvm_xcrs, "kvm_xcr": kvm_xcr, "kvm_msr_entry": kvm_msr_entry,
     "kvm_msrs": kvm_msrs_header, "kvm_lapic_state": kvm_lapic_state,
-    "kvm_mp_state": kvm_mp_state,
+    "kvm_mp_state": kvm_mp_state, "kvm_core_tsc": kvm_core_tsc,
+    "kvm_core_dropped": kvm_core_dropped, "kvm_cpuid_entry2": kvm_cpuid_entry2,
+    "kvm_cpuid2": kvm_cpuid2_header,
 }
 
 

@@ -46,7 +46,7 @@ def test_json_document(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
                            "comm": "qemu-system-x86", "signal": 6}
     vm = doc["vms"][0]
     assert vm == {**{k: v for k, v in want["vm"].items() if k != "reserved"},
-                  "vendor": "svm",
+                  "vendor": "svm", "flags_names": [],
                   "memslots": [{k: v for k, v in m.items() if not k.startswith("reserved")}
                                for m in want["slots"]]}
     v, w = doc["vcpus"][1], want["vcpus"][1]

@@ -38,7 +38,7 @@ def test_desc_framing() -> None:
     desc = S.build_desc([(S.KVM_CORE_REC_MP_STATE, b"\3\0\0\0"), (99, b"x")])
     assert len(desc) == 16 + (8 + 8) + (8 + 8)
     hdr = S.parse(S.kvm_core_header, desc)
-    assert (hdr["major"], hdr["minor"], hdr["size"], hdr["nr_records"]) == (1, 0, 48, 2)
+    assert (hdr["major"], hdr["minor"], hdr["size"], hdr["nr_records"]) == (1, 1, 48, 2)
     assert desc[16:24] == (6).to_bytes(4, "little") + (4).to_bytes(4, "little")
     assert desc[28:32] == bytes(4)  # padding to 8
 
