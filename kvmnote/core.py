@@ -15,8 +15,8 @@ from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
 from . import schema as S
-from .errors import (CompressedError, CorruptNoteError, KvmnoteError, MissingDataError,
-                     NoKvmNotesError, NotCoreError, NotElfError, TruncatedError)
+from .errors import (CompressedError, CorruptCoreError, CorruptNoteError, KvmnoteError,
+                     MissingDataError, NoKvmNotesError, NotCoreError, NotElfError, TruncatedError)
 from .notes import Vcpu, Vm, parse_desc
 
 ELF_MAGIC = b"\x7fELF"
@@ -27,6 +27,9 @@ MAX_NOTES = 1 << 30
 # Decompressed head of a compressed core kept in memory (headers and notes).
 HEAD_MAX = 64 << 20
 CHUNK = 1 << 16
+# Largest file offset (off_t) and address (u64): a program header beyond them is corrupt.
+MAX_OFFSET = (1 << 63) - 1
+MAX_ADDRESS = 1 << 64
 
 
 def _decompressor(kind: str) -> Callable[[bytes], tuple[bytes, bool, bytes]]:
@@ -277,6 +280,16 @@ def _segments(elf: ELFFile, path: str) -> list[Any]:
         raise TruncatedError(f"{path}: truncated or bad program headers: {e}") from None
 
 
+def _check_phdr(ph: Any, i: int, path: str) -> None:
+    """Refuse a program header whose file range or address range cannot exist."""
+    if ph["p_offset"] + ph["p_filesz"] > MAX_OFFSET:
+        raise CorruptCoreError(f"{path}: program header {i}: p_offset {ph['p_offset']:#x} + "
+                               f"p_filesz {ph['p_filesz']:#x} is beyond any file (corrupt core)")
+    if ph["p_type"] == "PT_LOAD" and ph["p_vaddr"] + ph["p_memsz"] > MAX_ADDRESS:
+        raise CorruptCoreError(f"{path}: program header {i}: p_vaddr {ph['p_vaddr']:#x} + "
+                               f"p_memsz {ph['p_memsz']:#x} is beyond 2^64 (corrupt core)")
+
+
 def _notes(data: bytes, where: str) -> Iterator[tuple[bytes, int, bytes, int]]:
     """(name, type, desc, offset) of each ELF note in a PT_NOTE segment's bytes."""
     off = 0
@@ -351,6 +364,7 @@ def _parse(src: _Source, require_kvm: bool) -> Core:
     phdrs = _segments(elf, src.path)
     total = 0
     for i, ph in enumerate(phdrs):
+        _check_phdr(ph, i, src.path)
         if ph["p_type"] == "PT_LOAD":
             core.loads.append(Load(ph["p_vaddr"], ph["p_memsz"], ph["p_offset"],
                                    ph["p_filesz"], ph["p_flags"]))

@@ -15,7 +15,7 @@ from typing import Any
 
 from . import schema as S
 from .core import Core, open_core
-from .errors import CompressedError, KvmnoteError, MissingDataError
+from .errors import CompressedError, CorruptCoreError, KvmnoteError, MissingDataError
 from .notes import Vcpu, Vm
 
 PAGE = 4096
@@ -25,6 +25,13 @@ ZERO_PAGE = bytes(PAGE)
 # Largest VMCOREINFO accepted (the kernel's is at most one page).
 VMCOREINFO_MAX = 8192
 PT_LOAD, PT_NOTE, ET_CORE, EM_X86_64 = 1, 4, 4, 62
+# What KVM_SET_USER_MEMORY_REGION accepts: at most KVM_MEM_MAX_NR_PAGES (2^31 - 1) pages
+# per slot, guest-physical addresses below 2^52 (the architectural MAXPHYADDR limit), and
+# userspace addresses below 2^56 (TASK_SIZE with 5-level paging). A memslot beyond them
+# is corrupt, and would ask for an output file no file system holds.
+MAX_SLOT_SIZE = ((1 << 31) - 1) * PAGE
+MAX_GPA = 1 << 52
+MAX_UADDR = 1 << 56
 
 Progress = Callable[[int, int], None]
 NOT_DUMPED = "not dumped (p_filesz < p_memsz: MADV_DONTDUMP, or memory the VMM never touched)"
@@ -383,6 +390,11 @@ def _ram_slots(core: Core, vm: Vm) -> list[tuple[int, int, int]]:
     """(gpa, size, userspace_addr) of the VM's as_id 0 memslots, by gpa."""
     slots = sorted((m["guest_phys_addr"], m["memory_size"], m["userspace_addr"])
                    for m in vm.memslots if m["as_id"] == 0 and m["memory_size"])
+    for gpa, size, uaddr in slots:
+        if size > MAX_SLOT_SIZE or gpa + size > MAX_GPA or uaddr + size > MAX_UADDR:
+            raise CorruptCoreError(
+                f"{core.path}: VM {vm.vm_index}: memslot at guest-physical {gpa:#x}, size "
+                f"{size:#x}, userspace {uaddr:#x} is beyond what KVM accepts (corrupt note)")
     if not slots:
         raise KvmnoteError(f"{core.path}: VM {vm.vm_index} has no memslots "
                            f"(no guest RAM to write)")

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import corebuilder as cb
 import kvmnote
-from kvmnote import schema as S
+from kvmnote import report, schema as S, vmcore
 from kvmnote.errors import CorruptNoteError, KvmnoteError, VersionError
 from kvmnote.notes import parse_desc
 
@@ -130,19 +130,25 @@ SMALL_CORE = _small_core()
 
 
 def _open_bytes(data: bytes) -> None:
-    """open_core on `data` in a temp file; only KvmnoteError may escape."""
-    fd, path = tempfile.mkstemp()
-    try:
-        os.write(fd, data)
-        os.close(fd)
-        with kvmnote.open_core(path) as core:
-            for vm in core.vms:
-                for base, size, _ in core.guest_ranges(core.vms.index(vm)):
-                    core.read_guest_phys(base, min(size, 64), core.vms.index(vm))
-    except KvmnoteError:
-        pass
-    finally:
-        os.unlink(path)
+    """open_core, the read report (JSON and text) and write_vmcore on `data` in a temp
+    file; only KvmnoteError may escape."""
+    with tempfile.TemporaryDirectory() as d:
+        path, out = os.path.join(d, "core"), os.path.join(d, "vmcore")
+        with open(path, "wb") as f:
+            f.write(data)
+        try:
+            with kvmnote.open_core(path) as core:
+                report.to_json(core, core.vcpus)
+                report.text(core, core.vcpus, True)
+                for i, _ in enumerate(core.vms):
+                    for base, size, _ in core.guest_ranges(i):
+                        core.read_guest_phys(base, min(size, 64), i)
+        except KvmnoteError:
+            pass
+        try:
+            vmcore.write_vmcore(path, out, allow_partial=True)
+        except KvmnoteError:
+            pass
 
 
 @FUZZ
@@ -160,4 +166,21 @@ def test_fuzz_mutated_file(flips: list[tuple[int, int]]) -> None:
     data = bytearray(SMALL_CORE)
     for pos, val in flips:
         data[pos] = val
+    _open_bytes(bytes(data))
+
+
+# 8-byte fields of the program headers and of the VM note (memslot sizes and addresses)
+# set to the values that overflowed before: sizes near 2^63, offsets of all ones.
+EXTREMES = [0, 1, 0xFFF, 1 << 52, (1 << 63) - 4096, 1 << 63, (1 << 64) - 4096, (1 << 64) - 1]
+FIELDS = [*range(64 // 8, 176 // 8),    # the two program headers
+          *range(SMALL_CORE.find(GOOD_VM) // 8, (SMALL_CORE.find(GOOD_VM) + len(GOOD_VM)) // 8)]
+
+
+@FUZZ
+@given(st.lists(st.tuples(st.sampled_from(FIELDS), st.sampled_from(EXTREMES)),
+                min_size=1, max_size=3))
+def test_fuzz_extreme_fields(sets: list[tuple[int, int]]) -> None:
+    data = bytearray(SMALL_CORE)
+    for slot, val in sets:
+        data[slot * 8:slot * 8 + 8] = val.to_bytes(8, "little")
     _open_bytes(bytes(data))

@@ -492,3 +492,22 @@ def test_vmcoreinfo_scanner_only_page_aligned(page: int, shift: int, decoys: int
         assert scan.found == (base + at, text)
     else:
         assert scan.found is None
+
+
+@pytest.mark.parametrize("what", ["memslot size", "memslot gpa", "load offset", "load vaddr"])
+def test_impossible_sizes_are_one_line_errors(tmp_path: Path, what: str,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """Sizes and offsets near 2^63/2^64 (once OverflowError tracebacks): exit 2."""
+    slots = None
+    if what == "memslot size":
+        slots = [cb.memslot(0, 0, (1 << 63) - PAGE, UADDR)]
+    elif what == "memslot gpa":
+        slots = [cb.memslot(0, (1 << 64) - PAGE, PAGE, UADDR)]
+    make_core(tmp_path / "core", slots=slots)
+    if what.startswith("load"):
+        data = bytearray((tmp_path / "core").read_bytes())
+        field = 8 if what == "load offset" else 16         # p_offset, p_vaddr
+        struct.pack_into("<Q", data, 64 + 56 + field, (1 << 64) - 1)   # first PT_LOAD
+        (tmp_path / "core").write_bytes(data)
+    err = one_line_error(*run(capsys, str(tmp_path / "core"), "-o", str(tmp_path / "v")))
+    assert "corrupt" in err and not (tmp_path / "v").exists()
