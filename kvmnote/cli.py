@@ -2,6 +2,8 @@
 
 import argparse
 import json
+import os
+import signal
 import sys
 
 from . import report, vmcore
@@ -43,10 +45,25 @@ def _read(args: argparse.Namespace) -> int:
                 raise KvmnoteError(f"{args.core}: no vCPU with vcpu_id {args.vcpu} "
                                    f"(have {sorted({v.vcpu_id for v in core.vcpus})})")
         if args.json:
-            sys.stdout.write(json.dumps(report.to_json(core, vcpus)) + "\n")
+            _emit(json.dumps(report.to_json(core, vcpus)) + "\n")
         else:
-            sys.stdout.write(report.text(core, vcpus, args.all))
+            _emit(report.text(core, vcpus, args.all))
     return 0
+
+
+class _StdoutError(KvmnoteError):
+    """Writing to stdout failed (ENOSPC, EIO...), other than a closed pipe."""
+
+
+def _emit(text: str) -> None:
+    """Write `text` to stdout and flush; a failure other than EPIPE is a _StdoutError."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as e:
+        raise _StdoutError(f"cannot write to stdout: {e.strerror}") from None
 
 
 def _vmcore(args: argparse.Namespace) -> int:
@@ -99,11 +116,27 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _drop_stdout() -> None:
+    """Point fd 1 at /dev/null, so that the interpreter's last flush does not fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.close(devnull)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit status."""
     args = parser().parse_args(argv)
     try:
+        if sys.stdout is None:      # started with fd 1 closed (`kvmnote read CORE >&-`)
+            raise KvmnoteError("stdout is closed")
         return args.func(args)
     except KvmnoteError as e:
+        if isinstance(e, _StdoutError):
+            _drop_stdout()
         print(f"kvmnote: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader went away (`| head`): stop quietly, with the status of a filter
+        # killed by SIGPIPE, as the shell reports it.
+        _drop_stdout()
+        return 128 + signal.SIGPIPE

@@ -174,3 +174,37 @@ def test_python_m(tmp_path: Path) -> None:
                        capture_output=True, text=True)
     assert p.returncode == 2 and p.stdout == ""
     assert p.stderr.startswith("kvmnote: ") and "Traceback" not in p.stderr
+
+
+def _kvmnote(*argv: str, **kw: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "kvmnote", *argv], text=True,
+                          stderr=subprocess.PIPE, timeout=60, **kw)  # type: ignore[call-overload]
+
+
+def test_stdout_reader_gone_is_quiet(tmp_path: Path) -> None:
+    """`kvmnote read CORE | head -n0`: no traceback, the status of a filter killed by
+    SIGPIPE (141), as `cat` gets."""
+    cb.standard_core(tmp_path / "core", nr_vcpus=4)
+    r, w = os.pipe()
+    os.close(r)                      # the reader has gone before kvmnote writes
+    try:
+        p = _kvmnote("read", "--all", str(tmp_path / "core"), stdout=w)
+    finally:
+        os.close(w)
+    assert (p.returncode, p.stderr) == (141, "")
+
+
+def test_stdout_full_is_one_line(tmp_path: Path) -> None:
+    cb.standard_core(tmp_path / "core")
+    with open("/dev/full", "w") as full:
+        p = _kvmnote("read", str(tmp_path / "core"), stdout=full)
+    assert p.returncode == 2
+    assert p.stderr == "kvmnote: cannot write to stdout: No space left on device\n"
+
+
+def test_stdout_closed_is_one_line(tmp_path: Path) -> None:
+    cb.standard_core(tmp_path / "core")
+    p = subprocess.run(["sh", "-c", 'exec "$@" >&-', "sh", sys.executable, "-m", "kvmnote",
+                        "read", str(tmp_path / "core")], text=True, capture_output=True,
+                       timeout=60)
+    assert (p.returncode, p.stderr) == (2, "kvmnote: stdout is closed\n")
