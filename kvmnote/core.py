@@ -22,8 +22,12 @@ from .notes import Vcpu, Vm, parse_desc
 ELF_MAGIC = b"\x7fELF"
 COMPRESSION_MAGIC = {b"\x28\xb5\x2f\xfd": "zstd", b"\x04\x22\x4d\x18": "lz4",
                      b"\xfd7zXZ\x00": "xz"}
-# Largest PT_NOTE total kvmnote accepts (a 1024-vCPU VM needs about 20 MiB).
-MAX_NOTES = 1 << 30
+# Largest PT_NOTE total kvmnote accepts, and most notes in it. The largest real core:
+# KVM's 4096 vCPUs (CONFIG_MAXSMP) at about 14 KiB of KVM note each (11 KiB of AMX
+# XSAVE) plus 12 KiB of thread notes (NT_PRSTATUS, NT_FPREGSET, NT_X86_XSTATE), and an
+# NT_FILE of 65530 mappings (vm.max_map_count): about 120 MiB in some 25,000 notes.
+MAX_NOTES = 256 << 20
+MAX_NOTE_COUNT = 1 << 18
 # Decompressed head of a compressed core kept in memory (headers and notes).
 HEAD_MAX = 64 << 20
 CHUNK = 1 << 16
@@ -292,8 +296,12 @@ def _check_phdr(ph: Any, i: int, path: str) -> None:
 
 def _notes(data: bytes, where: str) -> Iterator[tuple[bytes, int, bytes, int]]:
     """(name, type, desc, offset) of each ELF note in a PT_NOTE segment's bytes."""
-    off = 0
+    off, count = 0, 0
     while off + 12 <= len(data):
+        count += 1
+        if count > MAX_NOTE_COUNT:
+            raise CorruptNoteError(f"{where}: more than {MAX_NOTE_COUNT} notes, more than any "
+                                   f"real core holds (corrupt core)")
         namesz, descsz, ntype = (int.from_bytes(data[off + i:off + i + 4], "little")
                                  for i in (0, 4, 8))
         dstart = off + 12 + S.align(namesz, 4)
@@ -373,7 +381,9 @@ def _parse(src: _Source, require_kvm: bool) -> Core:
         where = f"{src.path}: PT_NOTE (program header {i}, file offset {ph['p_offset']})"
         total += ph["p_filesz"]
         if total > MAX_NOTES:
-            raise CorruptNoteError(f"{where}: implausible note size {ph['p_filesz']}")
+            raise CorruptNoteError(f"{where}: PT_NOTE of {ph['p_filesz']} bytes ({total} in "
+                                   f"all), more than any real core holds ({MAX_NOTES}; "
+                                   f"corrupt core)")
         end = ph["p_offset"] + ph["p_filesz"]
         if src.size is not None and end > src.size:
             raise TruncatedError(f"{where}: truncated: notes end at {end}, "

@@ -1,16 +1,22 @@
 """Malformed notes and files: a clear KvmnoteError, never a crash or a hang."""
 
 import os
+import resource
+import struct
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
+import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import corebuilder as cb
 import kvmnote
-from kvmnote import report, schema as S, vmcore
+from kvmnote import core as core_mod, report, schema as S, vmcore
 from kvmnote.errors import CorruptNoteError, KvmnoteError, VersionError
 from kvmnote.notes import parse_desc
 
@@ -184,3 +190,51 @@ def test_fuzz_extreme_fields(sets: list[tuple[int, int]]) -> None:
     for slot, val in sets:
         data[slot * 8:slot * 8 + 8] = val.to_bytes(8, "little")
     _open_bytes(bytes(data))
+
+
+def _zero_note_core(path: Path, notes_size: int, compress: bool) -> None:
+    """An ELF core whose one PT_NOTE is `notes_size` zero bytes (zstd: in a small file)."""
+    ehdr = struct.pack("<16sHHIQQQIHHHHHH", b"\x7fELF\x02\x01\x01", 4, 62, 1, 0, 64, 0, 0,
+                       64, 56, 1, 64, 0, 0)
+    phdr = struct.pack("<IIQQQQQQ", 4, 0, 120, 0, 0, notes_size, 0, 0)
+    if not compress:
+        with open(path, "wb") as f:
+            f.write(ehdr + phdr)
+            f.truncate(120 + notes_size)          # sparse
+        return
+    z = zstandard.ZstdCompressor(level=1).compressobj()
+    zero = bytes(1 << 20)
+    with open(path, "wb") as f:
+        f.write(z.compress(ehdr + phdr))
+        for _ in range(notes_size >> 20):
+            f.write(z.compress(zero))
+        f.write(z.flush())
+
+
+def _read_limited(path: Path) -> tuple[int, str, float]:
+    """`kvmnote read` with 1 GiB of address space and 60 s: (status, stderr, seconds)."""
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+    t = time.monotonic()
+    p = subprocess.run([sys.executable, "-m", "kvmnote", "read", str(path)], text=True,
+                       capture_output=True, timeout=60, preexec_fn=limit)
+    return p.returncode, p.stderr, time.monotonic() - t
+
+
+def test_note_segment_size_cap(tmp_path: Path) -> None:
+    """A small zstd file holding a 1 GiB all-zero PT_NOTE is refused before it is read."""
+    _zero_note_core(tmp_path / "core.zst", 1 << 30, compress=True)
+    assert (tmp_path / "core.zst").stat().st_size < 64 << 10
+    rc, err, secs = _read_limited(tmp_path / "core.zst")
+    assert rc == 2 and "PT_NOTE of 1073741824 bytes" in err and err.count("\n") == 1, err
+    assert secs < 10
+
+
+def test_note_count_cap(tmp_path: Path) -> None:
+    """A PT_NOTE under the size cap but full of empty 12-byte notes stops at the count cap."""
+    size = 16 << 20
+    assert size < core_mod.MAX_NOTES and size // 12 > core_mod.MAX_NOTE_COUNT
+    _zero_note_core(tmp_path / "core", size, compress=False)
+    rc, err, secs = _read_limited(tmp_path / "core")
+    assert rc == 2 and f"more than {core_mod.MAX_NOTE_COUNT} notes" in err, err
+    assert err.count("\n") == 1 and secs < 10
