@@ -38,6 +38,8 @@ vCPU without state; only without --allow-partial); 2 error, nothing written
 def _read(args: argparse.Namespace) -> int:
     """`kvmnote read`: print the KVM state in a core."""
     with open_core(args.core) as core:
+        for w in core.warnings:
+            print(f"kvmnote: warning: {w}", file=sys.stderr)
         vcpus = core.vcpus
         if args.vcpu is not None:
             vcpus = [v for v in vcpus if v.vcpu_id == args.vcpu]

@@ -167,6 +167,7 @@ class Core:
     vms: list[Vm] = field(default_factory=list)
     vcpus: list[Vcpu] = field(default_factory=list)
     loads: list[Load] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
     _source: Any = None
 
     def close(self) -> None:
@@ -401,13 +402,37 @@ def _parse(src: _Source, require_kvm: bool) -> Core:
                 else:
                     core.vcpus.append(obj)
             elif name == b"CORE":
-                _standard_note(core, ntype, desc, note_where)
+                try:
+                    _standard_note(core, ntype, desc, note_where)
+                except CorruptNoteError as e:   # not needed for the KVM state: go on
+                    core.warnings.append(f"{e} (note ignored)")
     core.loads.sort(key=lambda ld: ld.vaddr)
     if require_kvm and not core.vms and not core.vcpus:
         raise NoKvmNotesError("no KVM notes: was this core written by a kernel with the "
                               "kvmnote patches, and was the process a KVM VMM?")
+    _drop_duplicates(core)
     by_index = {vm.vm_index: vm for vm in core.vms}
     for vcpu in core.vcpus:
         if vcpu.vm_index in by_index:
             by_index[vcpu.vm_index].vcpus.append(vcpu)
     return core
+
+
+def _drop_duplicates(core: Core) -> None:
+    """Keep the first VM note of each vm_index and the first vCPU note of each (vm_index,
+    vcpu_id); the kernel never writes two, so a later one is dropped with a warning."""
+    vms: dict[int, Vm] = {}
+    for vm in core.vms:
+        if vm.vm_index in vms:
+            core.warnings.append(f"{core.path}: a second VM note with vm_index {vm.vm_index} "
+                                 f"(corrupt core): the first one is used")
+        else:
+            vms[vm.vm_index] = vm
+    vcpus: dict[tuple[int, int], Vcpu] = {}
+    for v in core.vcpus:
+        if (v.vm_index, v.vcpu_id) in vcpus:
+            core.warnings.append(f"{core.path}: a second vCPU note for vcpu_id {v.vcpu_id} "
+                                 f"of VM {v.vm_index} (corrupt core): the first one is used")
+        else:
+            vcpus[(v.vm_index, v.vcpu_id)] = v
+    core.vms, core.vcpus = list(vms.values()), list(vcpus.values())

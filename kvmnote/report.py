@@ -70,7 +70,8 @@ def to_json(core: Core, vcpus: list[Vcpu]) -> dict[str, Any]:
             "core": {"path": core.path, "pid": core.pid, "comm": core.comm,
                      "signal": signal(core)},
             "vms": [vm_json(vm) for vm in core.vms],
-            "vcpus": [vcpu_json(v) for v in vcpus]}
+            "vcpus": [vcpu_json(v) for v in vcpus],
+            "warnings": core.warnings}
 
 
 def _flags(value: int, names: dict[int, str]) -> str:

@@ -454,6 +454,7 @@ def write_vmcore(core_path: str, out_path: str, *, vm_index: int | None = None,
             raise KvmnoteError(f"{core.path}: VM {vm.vm_index} has no vCPU notes")
         cpus = assign_cpus(vm.vcpus, cpu_map)
         result = Result([(c, v.vcpu_id) for c, v in cpus], [(g, s) for g, s, _ in slots])
+        result.warnings += core.warnings
         cpu_notes = _cpu_notes(cpus, allow_partial, result)
         info_room = len(_note(S.VMCOREINFO_NOTE_NAME, 0,
                               vmcoreinfo if vmcoreinfo is not None else bytes(VMCOREINFO_MAX)))

@@ -208,3 +208,45 @@ def test_stdout_closed_is_one_line(tmp_path: Path) -> None:
                         "read", str(tmp_path / "core")], text=True, capture_output=True,
                        timeout=60)
     assert (p.returncode, p.stderr) == (2, "kvmnote: stdout is closed\n")
+
+
+def _dup_core(path: Path) -> list[dict]:
+    """A core whose VM note and vCPU 1's note appear twice (the second copies differ)."""
+    vm = {"vm_index": 0, "vendor": 1, "nr_vcpus": 2, "vm_type": 0, "flags": 0, "pid": 7}
+    slots = [cb.memslot(0, 0, 4096, 0x10000)]
+    vcpus = [cb.sample_vcpu(0), cb.sample_vcpu(1)]
+    other = cb.sample_vcpu(1)
+    other["regs"]["rip"] = 0x1234
+    notes = cb.kvm_note(S.NT_KVM_VM, S.build_desc(cb.vm_records(vm, slots)))
+    notes += cb.kvm_note(S.NT_KVM_VM, S.build_desc(cb.vm_records(dict(vm, pid=8), slots)))
+    notes += b"".join(cb.kvm_note(S.NT_KVM_VCPU, S.build_desc(cb.vcpu_records(v)))
+                      for v in (*vcpus, other))
+    cb.write_core(path, notes, [cb.Load(0x10000, 4096, 4096, b"ram")])
+    return vcpus
+
+
+def test_duplicate_notes_first_wins(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    vcpus = _dup_core(tmp_path / "core")
+    rc, out, err = run(capsys, "read", "--json", str(tmp_path / "core"))
+    assert rc == 0
+    doc = json.loads(out)
+    assert [vm["pid"] for vm in doc["vms"]] == [7]
+    assert [v["vcpu_id"] for v in doc["vcpus"]] == [0, 1]
+    assert doc["vcpus"][1]["regs"]["rip"] == vcpus[1]["regs"]["rip"]
+    assert err.count("kvmnote: warning: ") == 2
+    assert "second VM note with vm_index 0" in err and "second vCPU note for vcpu_id 1" in err
+    assert doc["warnings"] == [ln.removeprefix("kvmnote: warning: ")
+                               for ln in err.splitlines()]
+
+
+def test_corrupt_nt_file_is_a_warning(tmp_path: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    bad = bytearray(cb.nt_file(4096, [(0x400000, 0x401000, 0, "/usr/bin/qemu")]))
+    bad[12 + 8:12 + 16] = (1 << 40).to_bytes(8, "little")      # count
+    notes = bytes(bad) + cb.kvm_note(S.NT_KVM_VCPU, S.build_desc(cb.vcpu_records(
+        cb.sample_vcpu(0))))
+    cb.write_core(tmp_path / "core", notes, [])
+    rc, out, err = run(capsys, "read", str(tmp_path / "core"))
+    assert rc == 0 and "vCPU 0 " in out
+    assert err.startswith("kvmnote: warning: ") and err.count("\n") == 1
+    assert "NT_FILE count 1099511627776 exceeds the note (note ignored)" in err

@@ -511,3 +511,26 @@ def test_impossible_sizes_are_one_line_errors(tmp_path: Path, what: str,
         (tmp_path / "core").write_bytes(data)
     err = one_line_error(*run(capsys, str(tmp_path / "core"), "-o", str(tmp_path / "v")))
     assert "corrupt" in err and not (tmp_path / "v").exists()
+
+
+def test_duplicate_notes_first_wins(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A duplicated VM note is not 'several VMs'; a duplicated vCPU note is one CPU, the
+    first note's, with a warning (the same choice as `kvmnote read`)."""
+    v0, v1 = vcpu(0), vcpu(1)
+    other = vcpu(1)
+    other["regs"]["rip"] = 0x1234
+    make_core(tmp_path / "core", vcpus=[v0, v1, other], nr_vms=2)
+    data = (tmp_path / "core").read_bytes()
+    first = data.find(b"KVM\0")     # make_core's second VM note has vm_index 1: make it 0
+    second = data.find(b"KVM\0", first + 4)
+    rec = second + 4 + 16 + 8       # desc, header, VM record header: vm_index
+    assert data[rec:rec + 4] == (1).to_bytes(4, "little")
+    (tmp_path / "core").write_bytes(data[:rec] + bytes(4) + data[rec + 4:])
+    rc, err = run(capsys, str(tmp_path / "core"), "-o", str(tmp_path / "v"),
+                  "--vmcoreinfo", str(_info_file(tmp_path)))
+    assert rc == 0
+    assert "second VM note with vm_index 0" in err and "second vCPU note for vcpu_id 1" in err
+    prs = [d for name, t, d in elf_notes(tmp_path / "v") if name == b"CORE" and t == 1]
+    assert len(prs) == 2
+    rip = 112 + USER_REGS.index("rip") * 8
+    assert struct.unpack_from("<Q", prs[1], rip)[0] == v1["regs"]["rip"]
