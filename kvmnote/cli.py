@@ -95,7 +95,7 @@ def parser() -> argparse.ArgumentParser:
     r = sub.add_parser("read", help="show the VMs and vCPUs in a core file", epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     r.add_argument("core", help="core file (plain, or zstd/lz4/xz compressed)")
-    r.add_argument("--json", action="store_true", help="print kvmnote-read/1 JSON")
+    r.add_argument("--json", action="store_true", help="print kvmnote-read/2 JSON (64-bit values as \"0x...\" strings)")
     r.add_argument("--vcpu", type=int, metavar="N", help="only the vCPU with vcpu_id N")
     r.add_argument("--all", action="store_true",
                    help="also MSRs, debug registers, events, XCRs, XSAVE, LAPIC")

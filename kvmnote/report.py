@@ -1,12 +1,16 @@
-"""What `kvmnote read` shows: the kvmnote-read/1 JSON document and its text form."""
+"""What `kvmnote read` shows: the kvmnote-read/2 JSON document and its text form."""
 
+from collections.abc import Callable
 from typing import Any
 
+from construct import Array, Construct, FormatField, Renamed, Struct
+
 from . import decode as D
+from . import schema as S
 from .core import Core
 from .notes import Vcpu, Vm
 
-SCHEMA = "kvmnote-read/1"
+SCHEMA = "kvmnote-read/2"
 OMIT = frozenset({"reserved", "reserved2", "padding", "pad"})
 
 
@@ -19,39 +23,69 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
-def vm_json(vm: Vm) -> dict[str, Any]:
-    """A VM as kvmnote-read/1 JSON."""
-    return {**_clean(vm.info), "vendor": D.vendor(vm.info["vendor"]),
-            "memslots": _clean(vm.memslots)}
+def hex64(con: Construct, value: Any) -> Any:
+    """`value`, parsed with `con`, with every field `con` declares as a 64-bit integer
+    written as a "0x..." string (JSON numbers lose precision above 2^53 in jq 1.6 and
+    JavaScript); keys that `con` does not declare are kept as they are."""
+    if isinstance(con, Renamed):
+        return hex64(con.subcon, value)
+    if isinstance(con, Struct) and isinstance(value, dict):
+        subs = {sub.name: sub for sub in con.subcons}
+        return {k: hex64(subs[k], v) if k in subs else v for k, v in value.items()}
+    if isinstance(con, Array) and isinstance(value, list):
+        return [hex64(con.subcon, v) for v in value]
+    if isinstance(con, FormatField) and con.length == 8 and isinstance(value, int):
+        return f"{value:#x}"
+    return value
 
 
-def vcpu_json(vcpu: Vcpu) -> dict[str, Any]:
-    """A vCPU as kvmnote-read/1 JSON."""
+Typed = Callable[[Construct, Any], Any]
+
+
+def _as_is(con: Construct, value: Any) -> Any:
+    """`value` unchanged (the text report formats integers itself)."""
+    return value
+
+
+def vm_json(vm: Vm, h: Typed = hex64) -> dict[str, Any]:
+    """A VM as kvmnote-read/2 JSON."""
+    return {**_clean(h(S.kvm_core_vm, vm.info)), "vendor": D.vendor(vm.info["vendor"]),
+            "memslots": _clean([h(S.kvm_core_memslot, m) for m in vm.memslots]),
+            "unknown_records": [{"type": t, "size": s} for t, s in vm.unknown_records]}
+
+
+def vcpu_json(vcpu: Vcpu, h: Typed = hex64) -> dict[str, Any]:
+    """A vCPU as kvmnote-read/2 JSON."""
     r = vcpu.records
-    out: dict[str, Any] = {**_clean(vcpu.info), "vendor": D.vendor(vcpu.info["vendor"]),
+    out: dict[str, Any] = {**_clean(h(S.kvm_core_vcpu, vcpu.info)),
+                           "vendor": D.vendor(vcpu.info["vendor"]),
                            "status": D.status(vcpu.info["status"]),
                            "error": D.error(vcpu.info["error"])}
-    for name in ("regs", "sregs", "debugregs", "events"):
+    for name, con in (("regs", S.kvm_regs), ("sregs", S.kvm_sregs2),
+                      ("debugregs", S.kvm_debugregs), ("events", S.kvm_vcpu_events)):
         if name in r:
-            out[name] = _clean(r[name])
+            out[name] = _clean(h(con, r[name]))
     if "mp_state" in r:
         out["mp_state"] = r["mp_state"]["mp_state"]
     if "xcrs" in r:
-        out["xcrs"] = [{"xcr": x["xcr"], "value": x["value"]}
+        out["xcrs"] = [h(S.kvm_xcr, {"xcr": x["xcr"], "value": x["value"]})
                        for x in r["xcrs"]["xcrs"][:r["xcrs"]["nr_xcrs"]]]
     if "xsave" in r:
-        out["xsave"] = D.xsave(r["xsave"])
+        out["xsave"] = h(S.xsave_prefix, D.xsave(r["xsave"]))
     if "lapic" in r:
         x2apic = bool(r.get("sregs", {}).get("apic_base", 0) >> 10 & 1)
-        out["lapic"] = {**D.lapic(r["lapic"], x2apic), "regs_hex": r["lapic"].hex()}
+        lapic = D.lapic(r["lapic"], x2apic)
+        # ICR is two 32-bit registers that D.lapic joins into one 64-bit value
+        lapic["icr"] = h(S.kvm_msr_entry.data, lapic["icr"])
+        out["lapic"] = {**lapic, "regs_hex": r["lapic"].hex()}
     if "msrs" in r:
         out["msrs"] = [{"index": m["index"], "name": D.MSR_NAMES.get(m["index"]),
-                        "value": m["data"]} for m in r["msrs"]]
+                        "value": h(S.kvm_msr_entry.data, m["data"])} for m in r["msrs"]]
     if "vmx_exit" in r:
-        out["exit"] = {"type": "vmx", **_clean(r["vmx_exit"]),
+        out["exit"] = {"type": "vmx", **_clean(h(S.kvm_core_vmx_exit, r["vmx_exit"])),
                        "reason_name": D.vmx_exit_reason(r["vmx_exit"]["exit_reason"])}
     elif "svm_exit" in r:
-        out["exit"] = {"type": "svm", **_clean(r["svm_exit"]),
+        out["exit"] = {"type": "svm", **_clean(h(S.kvm_core_svm_exit, r["svm_exit"])),
                        "reason_name": D.svm_exit_code(r["svm_exit"]["exit_code"])}
     out["unknown_records"] = [{"type": t, "size": s} for t, s in vcpu.unknown_records]
     return out
@@ -64,13 +98,14 @@ def signal(core: Core) -> int | None:
     return next((t.cursig for t in core.threads if t.cursig), None)
 
 
-def to_json(core: Core, vcpus: list[Vcpu]) -> dict[str, Any]:
-    """The whole kvmnote-read/1 document for `core`, listing `vcpus`."""
+def to_json(core: Core, vcpus: list[Vcpu], h: Typed = hex64) -> dict[str, Any]:
+    """The whole kvmnote-read/2 document for `core`, listing `vcpus` (with h=_as_is:
+    every integer as a Python int, for the text report)."""
     return {"schema": SCHEMA,
             "core": {"path": core.path, "pid": core.pid, "comm": core.comm,
                      "signal": signal(core)},
-            "vms": [vm_json(vm) for vm in core.vms],
-            "vcpus": [vcpu_json(v) for v in vcpus],
+            "vms": [vm_json(vm, h) for vm in core.vms],
+            "vcpus": [vcpu_json(v, h) for v in vcpus],
             "warnings": core.warnings}
 
 
@@ -81,12 +116,15 @@ def _flags(value: int, names: dict[int, str]) -> str:
 
 def text(core: Core, vcpus: list[Vcpu], full: bool) -> str:
     """Human-readable report of the VMs and `vcpus`."""
-    doc = to_json(core, vcpus)
+    doc = to_json(core, vcpus, _as_is)
     c = doc["core"]
     out = [f"core {c['path']}: pid {c['pid']} comm {c['comm']} signal {c['signal']}"]
     for vm in doc["vms"]:
         out.append(f"\nVM {vm['vm_index']}: vendor {vm['vendor']}, {vm['nr_vcpus']} vCPUs, "
                    f"vm_type {vm['vm_type']}, flags {vm['flags']:#x}, pid {vm['pid']}")
+        if vm["unknown_records"]:
+            out.append("  unknown records: " + ", ".join(
+                f"type {u['type']} ({u['size']} bytes)" for u in vm["unknown_records"]))
         out.append(f"  {'slot':>5} {'as':>2} {'flags':<24} {'GPA range':<35} "
                    f"{'size':>12}  userspace addr")
         for m in vm["memslots"]:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -10,6 +11,8 @@ from pathlib import Path
 import pytest
 
 import corebuilder as cb
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from testlib import need  # noqa: E402
 from kvmnote import schema as S
 from kvmnote.cli import main
 
@@ -27,6 +30,18 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     return rc, out, err
 
 
+HEX = re.compile(r"^0x[0-9a-f]+$")
+
+
+def ints(doc: object) -> object:
+    """A kvmnote-read/2 document with its "0x..." strings as ints, as consumers read it."""
+    if isinstance(doc, dict):
+        return {k: ints(v) for k, v in doc.items()}
+    if isinstance(doc, list):
+        return [ints(v) for v in doc]
+    return int(doc, 16) if isinstance(doc, str) and HEX.match(doc) else doc
+
+
 def fails(capsys: pytest.CaptureFixture[str], path: Path, *opts: str) -> str:
     """Run `read` on `path`, assert a one-line kvmnote error, return it."""
     rc, out, err = run(capsys, "read", *opts, str(path))
@@ -40,15 +55,16 @@ def test_json_document(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     want = cb.standard_core(tmp_path / "core", vendor=S.KVM_CORE_VENDOR_SVM, nr_vcpus=2)
     rc, out, _ = run(capsys, "read", "--json", str(tmp_path / "core"))
     assert rc == 0
-    doc = json.loads(out)
-    assert doc["schema"] == "kvmnote-read/1"
+    doc = ints(json.loads(out))
+    assert doc["schema"] == "kvmnote-read/2"
     assert doc["core"] == {"path": str(tmp_path / "core"), "pid": 4242,
                            "comm": "qemu-system-x86", "signal": 6}
     vm = doc["vms"][0]
     assert vm == {**{k: v for k, v in want["vm"].items() if k != "reserved"},
                   "vendor": "svm",
                   "memslots": [{k: v for k, v in m.items() if not k.startswith("reserved")}
-                               for m in want["slots"]]}
+                               for m in want["slots"]],
+                  "unknown_records": []}
     v, w = doc["vcpus"][1], want["vcpus"][1]
     assert v["vcpu_id"] == 1 and v["tid"] == 5001 and v["vendor"] == "svm"
     assert v["status"] == ["valid"] and v["error"] is None
@@ -155,7 +171,7 @@ def test_compressed_truncated_and_corrupt(tmp_path: Path, tool: str,
                             capture_output=True).stdout
     (tmp_path / "ok").write_bytes(packed)
     rc, out, _ = run(capsys, "read", "--json", str(tmp_path / "ok"))
-    assert rc == 0 and json.loads(out)["vcpus"][0]["regs"] == want["vcpus"][0]["regs"]
+    assert rc == 0 and ints(json.loads(out))["vcpus"][0]["regs"] == want["vcpus"][0]["regs"]
     (tmp_path / "cut").write_bytes(packed[:len(packed) // 3])
     err = fails(capsys, tmp_path / "cut")
     assert "truncated" in err or "ends early" in err
@@ -229,7 +245,7 @@ def test_duplicate_notes_first_wins(tmp_path: Path, capsys: pytest.CaptureFixtur
     vcpus = _dup_core(tmp_path / "core")
     rc, out, err = run(capsys, "read", "--json", str(tmp_path / "core"))
     assert rc == 0
-    doc = json.loads(out)
+    doc = ints(json.loads(out))
     assert [vm["pid"] for vm in doc["vms"]] == [7]
     assert [v["vcpu_id"] for v in doc["vcpus"]] == [0, 1]
     assert doc["vcpus"][1]["regs"]["rip"] == vcpus[1]["regs"]["rip"]
@@ -250,3 +266,80 @@ def test_corrupt_nt_file_is_a_warning(tmp_path: Path,
     assert rc == 0 and "vCPU 0 " in out
     assert err.startswith("kvmnote: warning: ") and err.count("\n") == 1
     assert "NT_FILE count 1099511627776 exceeds the note (note ignored)" in err
+
+
+# The 64-bit fields, by JSON path, as the C headers declare them (__u64 in
+# asm/kvm_coredump.h and asm/kvm.h), written out here rather than taken from
+# kvmnote.schema. "[]" is a list element; lapic.icr is two 32-bit registers joined.
+SEGS = ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt", "gdt", "idt")
+U64_VCPU = {
+    *(f"regs.{r}" for r in ("rax rbx rcx rdx rsi rdi rsp rbp r8 r9 r10 r11 r12 r13 r14 r15 "
+                            "rip rflags").split()),
+    *(f"sregs.{s}.base" for s in SEGS),
+    *(f"sregs.{r}" for r in ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base",
+                             "flags")),
+    "sregs.pdptrs[]", "debugregs.db[]", "debugregs.dr6", "debugregs.dr7", "debugregs.flags",
+    "events.exception_payload", "xcrs[].value", "xsave.xstate_bv", "xsave.xcomp_bv",
+    "lapic.icr", "msrs[].value"}
+U64_EXIT = {"vmx": {"exit_qualification", "guest_linear_address", "guest_physical_address",
+                    "pending_dbg_exceptions"},
+            "svm": {"exit_code", "exit_info_1", "exit_info_2", "int_state"}}
+U64_VM = {"memslots[].guest_phys_addr", "memslots[].memory_size", "memslots[].userspace_addr"}
+
+
+def leaves(doc: object, path: str = "") -> dict[str, set[type]]:
+    """JSON path -> the types of the integer-like values found there."""
+    out: dict[str, set[type]] = {}
+
+    def walk(v: object, p: str) -> None:
+        if isinstance(v, dict):
+            for k, x in v.items():
+                walk(x, f"{p}.{k}" if p else k)
+        elif isinstance(v, list):
+            for x in v:
+                walk(x, p + "[]")
+        elif isinstance(v, int) and not isinstance(v, bool) or isinstance(v, str) \
+                and HEX.match(v):
+            out.setdefault(p, set()).add(type(v))
+    walk(doc, path)
+    return out
+
+
+@pytest.mark.parametrize("vendor", [S.KVM_CORE_VENDOR_VMX, S.KVM_CORE_VENDOR_SVM])
+def test_json_64bit_fields_are_hex_strings(tmp_path: Path, vendor: int,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    cb.standard_core(tmp_path / "core", vendor=vendor)
+    rc, out, _ = run(capsys, "read", "--json", str(tmp_path / "core"))
+    doc = json.loads(out)
+    vendor_name = "vmx" if vendor == S.KVM_CORE_VENDOR_VMX else "svm"
+    want = U64_VCPU | {f"exit.{f}" for f in U64_EXIT[vendor_name]}
+    for v in doc["vcpus"]:
+        found = leaves(v)
+        assert {p for p, t in found.items() if t == {str}} == want
+        assert {p for p, t in found.items() if t != {int}} == want   # the rest: numbers
+    found = leaves(doc["vms"][0])
+    assert {p for p, t in found.items() if t == {str}} == U64_VM
+    assert {p for p, t in found.items() if t != {int}} == U64_VM
+
+
+def test_json_survives_jq(tmp_path: Path) -> None:
+    """jq 1.6 (Debian 12) keeps 64-bit values: cr2 0xffffffffdeadb000 comes out whole."""
+    need(shutil.which("jq") is not None, "jq (apt-get install jq)")
+    path = tmp_path / "core"
+    cb.standard_core(path)
+    data = path.read_bytes()
+    old = (0xDEAD000 + 1).to_bytes(8, "little")   # vCPU 0's cr2 (then exception_payload)
+    path.write_bytes(data.replace(old, (0xFFFFFFFFDEADB000).to_bytes(8, "little"), 1))
+    p = subprocess.run(f"{sys.executable} -m kvmnote read --json {path} | "
+                       f"jq -r '.vcpus[0].sregs.cr2'", shell=True, capture_output=True,
+                       text=True, check=True)
+    assert p.stdout == "0xffffffffdeadb000\n"
+
+
+def test_unknown_vm_record_shown(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    recs = cb.vm_records({"vm_index": 0, "vendor": 1}, []) + [(300, b"new" * 4)]
+    cb.write_core(tmp_path / "core", cb.kvm_note(S.NT_KVM_VM, S.build_desc(recs, minor=2)), [])
+    rc, out, _ = run(capsys, "read", str(tmp_path / "core"))
+    assert rc == 0 and "unknown records: type 300 (12 bytes)" in out
+    rc, out, _ = run(capsys, "read", "--json", str(tmp_path / "core"))
+    assert json.loads(out)["vms"][0]["unknown_records"] == [{"type": 300, "size": 12}]
