@@ -1,6 +1,7 @@
 """`kvmnote` command line: a thin argparse layer over the library."""
 
 import argparse
+import importlib.metadata
 import json
 import os
 import signal
@@ -16,7 +17,9 @@ EPILOG = """examples:
   kvmnote read --all core.qemu.1234.zst    # plus MSRs, LAPIC, XSAVE... (compressed core)
   kvmnote read --json core | jq '.vcpus[].regs.rip'
 
-exit status: 0 success, 2 error (bad input or usage; one line on stderr)
+exit status: 0 success; 1 (vmcore only) vmcore written but incomplete: guest RAM
+missing from the core, or a vCPU without state; 2 error (bad input or usage; one line
+on stderr); 141 stdout closed by its reader (| head), like a filter killed by SIGPIPE
 """
 
 VMCORE_EPILOG = """examples:
@@ -86,11 +89,20 @@ def _vmcore(args: argparse.Namespace) -> int:
     return 0 if res.complete or args.allow_partial else 1
 
 
+def _version() -> str:
+    """The installed package's version (pyproject.toml), or 'unknown' from a bare tree."""
+    try:
+        return importlib.metadata.version("kvmnote")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def parser() -> argparse.ArgumentParser:
     """The argument parser for all subcommands."""
     p = argparse.ArgumentParser(
         prog="kvmnote", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Read KVM vCPU and VM state from the notes in a VMM's core file.")
+    p.add_argument("--version", action="version", version=f"kvmnote {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("read", help="show the VMs and vCPUs in a core file", epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)

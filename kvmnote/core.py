@@ -408,14 +408,26 @@ def _parse(src: _Source, require_kvm: bool) -> Core:
                     core.warnings.append(f"{e} (note ignored)")
     core.loads.sort(key=lambda ld: ld.vaddr)
     if require_kvm and not core.vms and not core.vcpus:
-        raise NoKvmNotesError("no KVM notes: was this core written by a kernel with the "
-                              "kvmnote patches, and was the process a KVM VMM?")
+        raise NoKvmNotesError(_no_kvm_notes(core))
     _drop_duplicates(core)
     by_index = {vm.vm_index: vm for vm in core.vms}
     for vcpu in core.vcpus:
         if vcpu.vm_index in by_index:
             by_index[vcpu.vm_index].vcpus.append(vcpu)
     return core
+
+
+def _no_kvm_notes(core: Core) -> str:
+    """Why a core has no KVM notes, as far as its NT_FILE tells."""
+    vcpu_maps = sorted({name for *_, name in core.files
+                        if name.startswith("anon_inode:kvm-vcpu")})
+    if not vcpu_maps:
+        return (f"{core.path}: no KVM notes: was this core written by a kernel with the "
+                f"kvmnote patches, and was the process a KVM VMM?")
+    return (f"{core.path}: no KVM notes, yet the process had KVM vCPUs ({len(vcpu_maps)} "
+            f"anon_inode:kvm-vcpu mappings in NT_FILE): the kernel that wrote the core lacks "
+            f"the kvmnote series, or the notes were switched off (kvm.coredump_notes=0, or "
+            f"bit 9, 0x200, clear in the process's /proc/PID/coredump_filter)")
 
 
 def _drop_duplicates(core: Core) -> None:

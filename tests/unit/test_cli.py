@@ -16,7 +16,7 @@ from testlib import need  # noqa: E402
 from kvmnote import schema as S
 from kvmnote.cli import main
 
-NO_KVM = ("kvmnote: no KVM notes: was this core written by a kernel with the kvmnote "
+NO_KVM = ("kvmnote: {}: no KVM notes: was this core written by a kernel with the kvmnote "
           "patches, and was the process a KVM VMM?\n")
 
 
@@ -136,7 +136,20 @@ def test_truncated_notes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
 
 def test_no_kvm_notes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cb.write_core(tmp_path / "core", cb.prstatus(1) + cb.prpsinfo(1, "bash"), [])
-    assert fails(capsys, tmp_path / "core") == NO_KVM
+    assert fails(capsys, tmp_path / "core") == NO_KVM.format(tmp_path / "core")
+
+
+def test_no_kvm_notes_but_vcpu_fds(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A VMM's core from a kernel without the series: its NT_FILE maps vCPU fds' kvm_run."""
+    files = [(0x400000, 0x401000, 0, "/usr/bin/qemu-system-x86_64"),
+             (0x7F0000000000, 0x7F0000003000, 0, "anon_inode:kvm-vcpu:0"),
+             (0x7F0000010000, 0x7F0000013000, 0, "anon_inode:kvm-vcpu:1")]
+    cb.write_core(tmp_path / "core", cb.prstatus(1) + cb.nt_file(4096, files), [])
+    err = fails(capsys, tmp_path / "core")
+    assert err.startswith(f"kvmnote: {tmp_path / 'core'}: no KVM notes, yet the process had "
+                          f"KVM vCPUs (2 anon_inode:kvm-vcpu mappings in NT_FILE)")
+    assert "lacks the kvmnote series" in err and "kvm.coredump_notes=0" in err
+    assert "coredump_filter" in err and "0x200" in err
 
 
 def test_future_major(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -177,6 +190,14 @@ def test_compressed_truncated_and_corrupt(tmp_path: Path, tool: str,
     assert "truncated" in err or "ends early" in err
     (tmp_path / "bad").write_bytes(packed[:12] + bytes(range(256)) * 8)
     fails(capsys, tmp_path / "bad")
+
+
+def test_version_and_help(capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out, _ = run(capsys, "--version")
+    assert rc == 0 and re.fullmatch(r"kvmnote \d+\.\d+\.\d+\n", out)
+    rc, out, _ = run(capsys, "--help")
+    assert rc == 0 and "1 (vmcore only) vmcore written but incomplete" in out
+    assert "2 error" in out and "141" in out
 
 
 def test_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
