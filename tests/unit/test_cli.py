@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 
 import corebuilder as cb
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from testlib import need  # noqa: E402
+from testlib import need
 from kvmnote import schema as S
 from kvmnote.cli import main
 
@@ -177,8 +176,7 @@ def test_note_framing_past_segment(tmp_path: Path, capsys: pytest.CaptureFixture
 @pytest.mark.parametrize("tool", ["zstd", "lz4", "xz"])
 def test_compressed_truncated_and_corrupt(tmp_path: Path, tool: str,
                                           capsys: pytest.CaptureFixture[str]) -> None:
-    if not shutil.which(tool):
-        pytest.skip(f"{tool} not installed")
+    need(shutil.which(tool) is not None, f"{tool} (apt-get install zstd lz4 xz-utils)")
     want = cb.standard_core(tmp_path / "core")
     packed = subprocess.run([tool, "-q", "-c", str(tmp_path / "core")], check=True,
                             capture_output=True).stdout

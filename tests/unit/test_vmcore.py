@@ -15,6 +15,7 @@ import zstandard
 from elftools.elf.elffile import ELFFile
 
 import corebuilder as cb
+from testlib import need
 from kvmnote import schema as S
 from kvmnote.cli import main
 
@@ -402,8 +403,8 @@ def test_no_memslots_and_no_notes(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert "no such file" in err and not (tmp_path / "v").exists()
 
 
-@pytest.mark.skipif(shutil.which("gdb") is None, reason="gdb not installed")
 def test_gdb_reads_registers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    need(shutil.which("gdb") is not None, "gdb (apt-get install gdb)")
     want = make_core(tmp_path / "core")
     assert run(capsys, str(tmp_path / "core"), "-o", str(tmp_path / "vmcore"),
                "--vmcoreinfo", str(_info_file(tmp_path)))[0] == 0
@@ -416,8 +417,8 @@ def test_gdb_reads_registers(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert f"rip            {r1['rip']:#x}" in out
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tiny tmpfs needs root")
 def test_disk_full_is_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    need(os.geteuid() == 0, "root (to mount a tiny tmpfs)")
     make_core(tmp_path / "core", ram={0: os.urandom(1 << 20), 1 << 32: os.urandom(2 << 20)})
     small = tmp_path / "small"
     small.mkdir()
