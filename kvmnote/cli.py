@@ -7,7 +7,7 @@ import os
 import signal
 import sys
 
-from . import report, vmcore
+from . import report, sources, vmcore
 from .core import open_core
 from .errors import KvmnoteError
 
@@ -16,6 +16,8 @@ EPILOG = """examples:
   kvmnote read --vcpu 2 core.qemu.1234     # only the vCPU with vcpu_id 2
   kvmnote read --all core.qemu.1234.zst    # plus MSRs, LAPIC, XSAVE... (compressed core)
   kvmnote read --json core | jq '.vcpus[].regs.rip'
+  coredumpctl dump 1234 | kvmnote read -  # a core on stdin
+  kvmnote read --coredump qemu-system-x86  # the newest stored core of that command
 
 exit status: 0 success; 1 (vmcore only) vmcore written but incomplete: guest RAM
 missing from the core, or a vCPU without state; 2 error (bad input or usage; one line
@@ -27,6 +29,7 @@ VMCORE_EPILOG = """examples:
   kvmnote vmcore core.qemu.1234.zst -o guest.vmcore   # systemd-coredump's compressed core
   kvmnote vmcore --cpu-map 0=0,2=1 core -o guest.vmcore
   kvmnote vmcore --allow-partial truncated.core -o guest.vmcore
+  kvmnote vmcore --coredump 1234 -o guest.vmcore      # systemd-coredump's core of PID 1234
 
 Guest CPU numbers: KVM's vcpu_id is the VMM's choice (QEMU: the APIC ID), and Linux
 numbers CPUs in the order the firmware tables (MADT, MP table) list them, which QEMU emits
@@ -38,16 +41,24 @@ vCPU without state; only without --allow-partial); 2 error, nothing written
 """
 
 
+def _one_source(args: argparse.Namespace) -> None:
+    """Exactly one of CORE and --coredump."""
+    if (args.core is None) == (args.coredump is None):
+        raise KvmnoteError("give a CORE file (or - for stdin), or --coredump PID|COMM")
+
+
 def _read(args: argparse.Namespace) -> int:
     """`kvmnote read`: print the KVM state in a core."""
-    with open_core(args.core) as core:
+    _one_source(args)
+    path, stream, name = sources.opened(args.core, args.coredump)
+    with open_core(path, stream=stream, name=name) as core:
         for w in core.warnings:
             print(f"kvmnote: warning: {w}", file=sys.stderr)
         vcpus = core.vcpus
         if args.vcpu is not None:
             vcpus = [v for v in vcpus if v.vcpu_id == args.vcpu]
             if not vcpus:
-                raise KvmnoteError(f"{args.core}: no vCPU with vcpu_id {args.vcpu} "
+                raise KvmnoteError(f"{core.path}: no vCPU with vcpu_id {args.vcpu} "
                                    f"(have {sorted({v.vcpu_id for v in core.vcpus})})")
         if args.json:
             _emit(json.dumps(report.to_json(core, vcpus)) + "\n")
@@ -75,9 +86,12 @@ def _vmcore(args: argparse.Namespace) -> int:
     """`kvmnote vmcore`: write a guest vmcore from a VMM core."""
     info = vmcore.read_vmcoreinfo_file(args.vmcoreinfo) if args.vmcoreinfo else None
     cpu_map = vmcore.parse_cpu_map(args.cpu_map) if args.cpu_map is not None else None
-    res = vmcore.write_vmcore(args.core, args.output, vm_index=args.vm, cpu_map=cpu_map,
-                              vmcoreinfo=info, allow_partial=args.allow_partial,
-                              force=args.force, progress=vmcore.tty_progress(sys.stderr))
+    _one_source(args)
+    with sources.as_file(args.core, args.coredump) as (path, name):
+        res = vmcore.write_vmcore(path, args.output, vm_index=args.vm, cpu_map=cpu_map,
+                                  vmcoreinfo=info, allow_partial=args.allow_partial,
+                                  force=args.force, progress=vmcore.tty_progress(sys.stderr),
+                                  name=name)
     for w in res.warnings:
         print(f"kvmnote: warning: {w}", file=sys.stderr)
     if res.missing:
@@ -106,7 +120,11 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("read", help="show the VMs and vCPUs in a core file", epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    r.add_argument("core", help="core file (plain, or zstd/lz4/xz compressed)")
+    r.add_argument("core", nargs="?", help="core file (plain, or zstd/lz4/xz compressed); "
+                   "- reads it from stdin")
+    r.add_argument("--coredump", metavar="PID|COMM", help="the newest core dump that "
+                   "systemd-coredump stored for this PID or command (coredumpctl list "
+                   "matches it), instead of CORE")
     r.add_argument("--json", action="store_true", help="print kvmnote-read/2 JSON (64-bit values as \"0x...\" strings)")
     r.add_argument("--vcpu", type=int, metavar="N", help="only the vCPU with vcpu_id N")
     r.add_argument("--all", action="store_true",
@@ -115,7 +133,11 @@ def parser() -> argparse.ArgumentParser:
     v = sub.add_parser("vmcore", help="write the guest's vmcore (for crash, gdb, drgn)",
                        epilog=VMCORE_EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    v.add_argument("core", help="VMM core file (plain, or zstd/lz4/xz compressed)")
+    v.add_argument("core", nargs="?", help="VMM core file (plain, or zstd/lz4/xz "
+                   "compressed); - reads it from stdin (copied to a sparse file in $TMPDIR, "
+                   "default /var/tmp, while kvmnote runs)")
+    v.add_argument("--coredump", metavar="PID|COMM", help="the newest core dump that "
+                   "systemd-coredump stored for this PID or command, instead of CORE")
     v.add_argument("-o", "--output", required=True, metavar="VMCORE", help="vmcore to write")
     v.add_argument("--force", action="store_true", help="overwrite an existing VMCORE")
     v.add_argument("--vm", type=int, metavar="N", help="the VM with vm_index N (needed "

@@ -51,13 +51,14 @@ def _decompressor(kind: str) -> Callable[[bytes], tuple[bytes, bool, bytes]]:
     return step
 
 
-def _chunks(path: str, kind: str) -> Iterator[bytes]:
-    """Decompressed blocks of a multi-frame stream; raise if it is corrupt or cut."""
+def _chunks(opener: Callable[[], Any], kind: str, path: str) -> Iterator[bytes]:
+    """Decompressed blocks of a multi-frame stream (opener() gives a context manager of
+    a binary file); raise if it is corrupt or cut. `path` names it in errors."""
     # zstd and lz4 can expand a small input enormously (sparse, zero-filled
     # cores), so feed little at a time to bound memory.
     feed = 256 if kind in ("zstd", "lz4") else 4096
     try:
-        with open(path, "rb") as f:
+        with opener() as f:
             step, pending, in_frame = _decompressor(kind), b"", False
             while True:
                 data = pending or f.read(feed)
@@ -77,30 +78,77 @@ def _chunks(path: str, kind: str) -> Iterator[bytes]:
         raise CompressedError(f"{path}: corrupt {kind} stream: {e}") from None
 
 
-class _Source:
-    """Random access to the (decompressed) bytes of a core file."""
+class Stream:
+    """A core read forward once, from a pipe (stdin, `coredumpctl dump`): its first
+    bytes are peeked for the magic; `on_close` runs when the core is closed."""
 
-    def __init__(self, path: str, kind: str | None) -> None:
-        self.path, self.kind = path, kind
+    def __init__(self, f: BinaryIO, name: str,
+                 on_close: Callable[[], None] | None = None) -> None:
+        self.f, self.name, self.on_close = f, name, on_close
+        self.prefix = b""
+        while len(self.prefix) < 6:
+            got = f.read(6 - len(self.prefix))
+            if not got:
+                break
+            self.prefix += got
+        self.magic = self.prefix
+
+    def read(self, n: int) -> bytes:
+        """Up to `n` bytes (the peeked ones first); b"" at the end."""
+        if self.prefix:
+            out, self.prefix = self.prefix[:n], self.prefix[n:]
+            return out
+        return self.f.read(n)
+
+    def __enter__(self) -> "Stream":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+def _raw_chunks(stream: Stream) -> Iterator[bytes]:
+    """The blocks of an uncompressed stream."""
+    while data := stream.read(CHUNK):
+        yield data
+
+
+class _Source:
+    """Random access to the (decompressed) bytes of a core file, or forward access to
+    the first HEAD_MAX bytes of a core read from a pipe."""
+
+    def __init__(self, path: str, kind: str | None, stream: Stream | None = None,
+                 file_path: str | None = None) -> None:
+        # path names the core in messages; file_path (default: path) is the file opened
+        self.path, self.kind, self.stream = path, kind, stream
+        self.file_path = None if stream else file_path or path
+        self.plain = kind is None and stream is None
         self.size: int | None = None
-        if kind is None:
-            self.file: BinaryIO = open(path, "rb")
+        if self.plain:
+            self.file: BinaryIO = open(self.file_path or "", "rb")
             self.size = os.fstat(self.file.fileno()).st_size
             return
         self._kind = kind
         self._head = bytearray()
-        self._gen = _chunks(path, kind)
+        if stream is None:
+            self._gen = _chunks(lambda: open(self.file_path or "", "rb"), kind or "", path)
+        elif kind is None:
+            self._gen = _raw_chunks(stream)
+        else:
+            self._gen = _chunks(lambda: stream, kind, path)
         self._tail_gen: Iterator[bytes] | None = None
         self._tail_pos, self._tail_buf = 0, b""
 
     def close(self) -> None:
-        """Release the file descriptor of a plain core."""
-        if self.kind is None:
+        """Release the file descriptor of a plain core; finish a stream."""
+        if self.plain:
             self.file.close()
+        elif self.stream is not None and self.stream.on_close is not None:
+            self.stream.on_close()
 
     def pread(self, pos: int, n: int) -> bytes:
         """Up to `n` bytes at `pos`; fewer only at the end of the data."""
-        if self.kind is None:
+        if self.plain:
             return os.pread(self.file.fileno(), n, pos) if pos < (self.size or 0) else b""
         out = bytearray()
         while n > 0:
@@ -122,8 +170,13 @@ class _Source:
 
     def _tail_read(self, pos: int, n: int) -> bytes:
         """Read past the head by decompressing forward (restarting to go back)."""
+        if self.stream is not None:
+            raise KvmnoteError(f"{self.path}: data beyond the first {HEAD_MAX >> 20} MiB of a "
+                               f"core read from a pipe is not kept; save the core to a file")
         if self._tail_gen is None or pos < self._tail_pos:
-            self._tail_gen, self._tail_pos, self._tail_buf = _chunks(self.path, self._kind), 0, b""
+            self._tail_gen, self._tail_pos, self._tail_buf = (
+                _chunks(lambda: open(self.file_path or "", "rb"), self._kind or "", self.path),
+                0, b"")
         while self._tail_pos + len(self._tail_buf) <= pos:
             self._tail_pos += len(self._tail_buf)
             self._tail_buf = next(self._tail_gen, b"")
@@ -157,8 +210,9 @@ class Load:
 class Core:
     """An opened core file: process info, KVM VMs and vCPUs, and memory access."""
 
-    path: str
+    path: str                       # names the core in messages
     compression: str | None
+    file: str | None = None         # the file to open, None for a core read from a pipe
     pid: int | None = None
     comm: str | None = None
     signal: int | None = None
@@ -224,6 +278,16 @@ class Core:
         return bytes(out)
 
 
+def _magic_kind(magic: bytes, path: str) -> str | None:
+    """Compression by magic (None = plain ELF); raise if not ELF at all."""
+    if magic.startswith(ELF_MAGIC):
+        return None
+    for prefix, kind in COMPRESSION_MAGIC.items():
+        if magic.startswith(prefix):
+            return kind
+    raise NotElfError(f"{path}: not an ELF file (nor a zstd/lz4/xz compressed one)")
+
+
 def _kind(path: str) -> str | None:
     """Compression of the file by magic (None = plain); raise if not ELF at all."""
     try:
@@ -236,12 +300,7 @@ def _kind(path: str) -> str | None:
         raise KvmnoteError(f"{path}: no such file") from None
     except OSError as e:
         raise KvmnoteError(f"{path}: cannot read: {e.strerror}") from None
-    if magic.startswith(ELF_MAGIC):
-        return None
-    for prefix, kind in COMPRESSION_MAGIC.items():
-        if magic.startswith(prefix):
-            return kind
-    raise NotElfError(f"{path}: not an ELF file (nor a zstd/lz4/xz compressed one)")
+    return _magic_kind(magic, path)
 
 
 def _elf(src: _Source) -> ELFFile:
@@ -258,7 +317,7 @@ def _elf(src: _Source) -> ELFFile:
                                int.from_bytes(head[56:58], "little"))
     phend = phoff + phentsize * phnum
     try:
-        if src.kind is None:
+        if src.plain:
             elf = ELFFile(src.file)
         else:
             elf = ELFFile(io.BytesIO(src.pread(0, min(phend, 16 << 20))))
@@ -355,10 +414,24 @@ def _standard_note(core: Core, ntype: int, desc: bytes, where: str) -> None:
         core.files = _nt_file(desc, where)
 
 
-def open_core(path: str | os.PathLike[str], require_kvm: bool = True) -> Core:
-    """Open a core file and parse its notes; raises KvmnoteError for bad input."""
+def open_core(path: str | os.PathLike[str], require_kvm: bool = True,
+              stream: Stream | None = None, name: str | None = None) -> Core:
+    """Open a core file and parse its notes; raises KvmnoteError for bad input.
+
+    With `stream` the core comes from that pipe instead, read forward once: its headers
+    and notes are parsed, its memory beyond HEAD_MAX cannot be read (`path` only names
+    it in messages). `name`, if given, names the file `path` in messages (a temporary
+    copy of stdin)."""
     path = os.fspath(path)
-    src = _Source(path, _kind(path))
+    if stream is not None:
+        try:
+            src = _Source(path, _magic_kind(stream.magic, path), stream)
+        except BaseException:
+            if stream.on_close is not None:
+                stream.on_close()
+            raise
+    else:
+        src = _Source(name or path, _kind(path), file_path=path)
     try:
         return _parse(src, require_kvm)
     except BaseException:
@@ -368,7 +441,7 @@ def open_core(path: str | os.PathLike[str], require_kvm: bool = True) -> Core:
 
 def _parse(src: _Source, require_kvm: bool) -> Core:
     """Read the headers and all PT_NOTE segments of `src` into a Core."""
-    core = Core(src.path, src.kind, _source=src)
+    core = Core(src.path, src.kind, src.file_path, _source=src)
     elf = _elf(src)
     phdrs = _segments(elf, src.path)
     total = 0

@@ -271,7 +271,8 @@ class _Reader:
 
     def __init__(self, core: Core) -> None:
         self.core = core
-        self.fd = os.open(core.path, os.O_RDONLY) if core.compression is None else -1
+        plain = core.compression is None and core.file is not None
+        self.fd = os.open(core.file, os.O_RDONLY) if plain else -1
         self.size = os.fstat(self.fd).st_size if self.fd >= 0 else 0
         self.buf = bytearray(CHUNK)   # reused: no allocation (and page faults) per chunk
 
@@ -445,9 +446,10 @@ def _open_output(path: str, core_path: str, force: bool) -> int:
 def write_vmcore(core_path: str, out_path: str, *, vm_index: int | None = None,
                  cpu_map: dict[int, int] | None = None, vmcoreinfo: bytes | None = None,
                  allow_partial: bool = False, force: bool = False,
-                 progress: Progress | None = None) -> Result:
-    """Convert VMM core `core_path` into guest vmcore `out_path`; see the module doc."""
-    with open_core(core_path) as core:
+                 progress: Progress | None = None, name: str | None = None) -> Result:
+    """Convert VMM core `core_path` into guest vmcore `out_path`; see the module doc.
+    `name` names the core in messages instead of `core_path` (a copy of stdin)."""
+    with open_core(core_path, name=name) as core:
         vm = select_vm(core, vm_index)
         slots = _ram_slots(core, vm)
         if not vm.vcpus:
