@@ -8,7 +8,7 @@ import signal
 import sys
 
 from . import report, sources, vmcore
-from .core import open_core
+from .core import EXCLUDED, open_core
 from .errors import KvmnoteError
 
 EPILOG = """examples:
@@ -94,11 +94,16 @@ def _vmcore(args: argparse.Namespace) -> int:
                                   name=name)
     for w in res.warnings:
         print(f"kvmnote: warning: {w}", file=sys.stderr)
-    if res.missing:
-        total = sum(m.size for m in res.missing)
+    excluded = sum(m.size for m in res.missing if m.reason == vmcore.WHY[EXCLUDED])
+    if excluded:    # one line: guest RAM left out on purpose, and how to keep it
+        print(f"kvmnote: {args.output}: {excluded} bytes of guest RAM "
+              f"{vmcore.EXCLUDED_HINT}", file=sys.stderr)
+    missing = [m for m in res.missing if m.reason != vmcore.WHY[EXCLUDED]]
+    if missing:
+        total = sum(m.size for m in missing)
         print(f"kvmnote: {args.output}: {total} bytes of guest RAM are not in the core, "
               f"written as zeros:", file=sys.stderr)
-        for m in res.missing:
+        for m in missing:
             print(f"kvmnote:   missing {m}", file=sys.stderr)
     return 0 if res.complete or args.allow_partial else 1
 

@@ -34,6 +34,14 @@ CHUNK = 1 << 16
 # Largest file offset (off_t) and address (u64): a program header beyond them is corrupt.
 MAX_OFFSET = (1 << 63) - 1
 MAX_ADDRESS = 1 << 64
+# Where the bytes of a host range are (Core.pieces).
+DUMPED, EXCLUDED, UNMAPPED = "dumped", "excluded", "unmapped"
+# Guest RAM left out on purpose, and the settings that keep it in the next core.
+EXCLUDED_WHY = ("excluded from the core by the VMM (MADV_DONTDUMP: QEMU -machine "
+                "dump-guest-core=off, libvirt's default)")
+EXCLUDED_FIX = ("future cores keep it with QEMU -machine dump-guest-core=on or libvirt "
+                "<memory dumpCore='on'/>")
+TRUNCATED_WHY = "truncated core: RLIMIT_CORE, a full disk, or systemd-coredump's size limits"
 
 
 def _decompressor(kind: str) -> Callable[[bytes], tuple[bytes, bool, bytes]]:
@@ -257,6 +265,51 @@ class Core:
                 out += bytes(n)  # p_filesz < p_memsz: the tail is not dumped, reads as 0
             vaddr, size = vaddr + n, size - n
         return bytes(out)
+
+    def pieces(self, uaddr: int, size: int) -> Iterator[tuple[int, int, int | None, str]]:
+        """(uaddr, size, file offset or None, state) of a host range, per PT_LOAD. State
+        DUMPED: the bytes are in the file, at that offset (as far as the file goes);
+        EXCLUDED: the PT_LOAD is there but its p_filesz stops short (the kernel did not
+        dump the mapping: MADV_DONTDUMP, or the coredump_filter); UNMAPPED: in no PT_LOAD."""
+        end = uaddr + size
+        for ld in self.loads:
+            if ld.vaddr + ld.memsz <= uaddr:
+                continue
+            if ld.vaddr >= end:
+                break
+            if ld.vaddr > uaddr:
+                yield uaddr, ld.vaddr - uaddr, None, UNMAPPED
+                uaddr = ld.vaddr
+            stop = min(end, ld.vaddr + ld.memsz)
+            dumped = min(stop, ld.vaddr + ld.filesz)
+            if dumped > uaddr:
+                yield uaddr, dumped - uaddr, ld.offset + uaddr - ld.vaddr, DUMPED
+                uaddr = dumped
+            if stop > uaddr:
+                yield uaddr, stop - uaddr, None, EXCLUDED
+                uaddr = stop
+        if end > uaddr:
+            yield uaddr, end - uaddr, None, UNMAPPED
+
+    def guest_ram(self, vm: Vm) -> dict[str, int | None]:
+        """Bytes of `vm`'s guest RAM (as_id 0 memslots): in all ("size"), in the file
+        ("dumped"), EXCLUDED, UNMAPPED, and "cut_off" (dumped per the headers, but past the
+        end of the file: a truncated core; None when the file size is unknown, as for a
+        compressed core, which would have to be decompressed to the end)."""
+        fsize = self._source.size
+        out: dict[str, int | None] = {"size": 0, DUMPED: 0, EXCLUDED: 0, UNMAPPED: 0,
+                                      "cut_off": None if fsize is None else 0}
+        for m in vm.memslots:
+            if m["as_id"] != 0:
+                continue
+            out["size"] += m["memory_size"]  # type: ignore[operator]
+            for _, n, foff, state in self.pieces(m["userspace_addr"], m["memory_size"]):
+                if state == DUMPED and fsize is not None and foff is not None:
+                    cut = min(n, max(0, foff + n - fsize))
+                    out["cut_off"] += cut  # type: ignore[operator]
+                    n -= cut
+                out[state] += n  # type: ignore[operator]
+        return out
 
     def guest_ranges(self, vm: int = 0) -> list[tuple[int, int, int]]:
         """(guest_phys_addr, memory_size, userspace_addr) of VM `vm`'s as_id 0 slots."""

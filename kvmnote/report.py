@@ -7,7 +7,7 @@ from construct import Array, Construct, FormatField, Renamed, Struct
 
 from . import decode as D
 from . import schema as S
-from .core import Core
+from .core import EXCLUDED_FIX, EXCLUDED_WHY, TRUNCATED_WHY, Core
 from .notes import Vcpu, Vm
 
 SCHEMA = "kvmnote-read/2"
@@ -104,7 +104,7 @@ def to_json(core: Core, vcpus: list[Vcpu], h: Typed = hex64) -> dict[str, Any]:
     return {"schema": SCHEMA,
             "core": {"path": core.path, "pid": core.pid, "comm": core.comm,
                      "signal": signal(core)},
-            "vms": [vm_json(vm, h) for vm in core.vms],
+            "vms": [{**vm_json(vm, h), "guest_ram": core.guest_ram(vm)} for vm in core.vms],
             "vcpus": [vcpu_json(v, h) for v in vcpus],
             "warnings": core.warnings}
 
@@ -122,6 +122,7 @@ def text(core: Core, vcpus: list[Vcpu], full: bool) -> str:
     for vm in doc["vms"]:
         out.append(f"\nVM {vm['vm_index']}: vendor {vm['vendor']}, {vm['nr_vcpus']} vCPUs, "
                    f"vm_type {vm['vm_type']}, flags {vm['flags']:#x}, pid {vm['pid']}")
+        out.append(_ram_text(vm["guest_ram"]))
         if vm["unknown_records"]:
             out.append("  unknown records: " + ", ".join(
                 f"type {u['type']} ({u['size']} bytes)" for u in vm["unknown_records"]))
@@ -136,6 +137,29 @@ def text(core: Core, vcpus: list[Vcpu], full: bool) -> str:
     for v, raw in zip(doc["vcpus"], vcpus):
         out += _vcpu_text(v, raw, full)
     return "\n".join(out) + "\n"
+
+
+def _size(n: int) -> str:
+    """A byte count for people."""
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):.1f} {unit}"
+    return f"{n} bytes"
+
+
+def _ram_text(g: dict[str, Any]) -> str:
+    """The summary line of a VM's guest RAM: how much the core holds, and why not all."""
+    line = f"  guest RAM: {_size(g['dumped'])} of {_size(g['size'])} in the core"
+    gaps = []
+    if g["excluded"]:
+        gaps.append(f"{_size(g['excluded'])} {EXCLUDED_WHY}; {EXCLUDED_FIX}")
+    if g["cut_off"]:
+        gaps.append(f"{_size(g['cut_off'])} cut off ({TRUNCATED_WHY})")
+    if g["unmapped"]:
+        gaps.append(f"{_size(g['unmapped'])} in no PT_LOAD")
+    if gaps:
+        line += "; " + "; ".join(gaps) + "; the vCPU registers are all there"
+    return line
 
 
 def _vcpu_text(v: dict[str, Any], raw: Vcpu, full: bool) -> list[str]:

@@ -9,12 +9,13 @@ PT_LOAD per guest RAM slot with p_paddr = p_vaddr = guest-physical address.
 import os
 import stat
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import schema as S
-from .core import Core, open_core
+from .core import (EXCLUDED, EXCLUDED_FIX, EXCLUDED_WHY, TRUNCATED_WHY, UNMAPPED, Core,
+                   open_core)
 from .errors import CompressedError, CorruptCoreError, KvmnoteError, MissingDataError
 from .notes import Vcpu, Vm
 
@@ -34,7 +35,11 @@ MAX_GPA = 1 << 52
 MAX_UADDR = 1 << 56
 
 Progress = Callable[[int, int], None]
-NOT_DUMPED = "not dumped (p_filesz < p_memsz: MADV_DONTDUMP, or memory the VMM never touched)"
+WHY = {EXCLUDED: "excluded by the VMM (MADV_DONTDUMP: the PT_LOAD has p_filesz < p_memsz)",
+       UNMAPPED: "not in the core (no PT_LOAD)"}
+CUT = f"cut off: the core file ends before it ({TRUNCATED_WHY})"
+# One line for guest RAM left out on purpose (after the byte count).
+EXCLUDED_HINT = f"{EXCLUDED_WHY}, written as zeros; {EXCLUDED_FIX}"
 
 
 @dataclass
@@ -243,29 +248,6 @@ def _note(name: bytes, ntype: int, desc: bytes) -> bytes:
     return S.build_note(name, ntype, desc)
 
 
-def _pieces(core: Core, uaddr: int, size: int) -> Iterator[tuple[int, int, int | None, str]]:
-    """(uaddr, size, file offset or None, why absent) of a host range, per PT_LOAD."""
-    end = uaddr + size
-    for ld in core.loads:
-        if ld.vaddr + ld.memsz <= uaddr:
-            continue
-        if ld.vaddr >= end:
-            break
-        if ld.vaddr > uaddr:
-            yield uaddr, ld.vaddr - uaddr, None, "not in the core (no PT_LOAD)"
-            uaddr = ld.vaddr
-        stop = min(end, ld.vaddr + ld.memsz)
-        dumped = min(stop, ld.vaddr + ld.filesz)
-        if dumped > uaddr:
-            yield uaddr, dumped - uaddr, ld.offset + uaddr - ld.vaddr, ""
-            uaddr = dumped
-        if stop > uaddr:
-            yield uaddr, stop - uaddr, None, NOT_DUMPED
-            uaddr = stop
-    if end > uaddr:
-        yield uaddr, end - uaddr, None, "not in the core (no PT_LOAD)"
-
-
 class _Reader:
     """Core bytes by (address, file offset): plain files with pread (holes skipped)."""
 
@@ -364,10 +346,10 @@ def _copy_ram(core: Core, slots: list[tuple[int, int, int]], offsets: list[int],
     reader = _Reader(core)
     try:
         for (gpa, size, uaddr), base in zip(slots, offsets):
-            for ua, n, foff, why in _pieces(core, uaddr, size):
+            for ua, n, foff, state in core.pieces(uaddr, size):
                 g = gpa + ua - uaddr
                 if foff is None:
-                    lack(g, n, why)
+                    lack(g, n, WHY[state])
                     done += n
                     continue
                 for pos in range(0, n, CHUNK):
@@ -377,8 +359,7 @@ def _copy_ram(core: Core, slots: list[tuple[int, int, int]], offsets: list[int],
                     if scan:
                         scan.feed(g + pos, data)
                     if len(data) < step:
-                        lack(g + pos + len(data), step - len(data),
-                             "cut off: the core file ends before it (truncated core)")
+                        lack(g + pos + len(data), step - len(data), CUT)
                     if progress:
                         progress(done + pos + step, total)
                 done += n

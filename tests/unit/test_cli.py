@@ -63,7 +63,9 @@ def test_json_document(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
                   "vendor": "svm",
                   "memslots": [{k: v for k, v in m.items() if not k.startswith("reserved")}
                                for m in want["slots"]],
-                  "unknown_records": []}
+                  "unknown_records": [],
+                  "guest_ram": {"size": 2 << 20, "dumped": 2 << 20, "excluded": 0,
+                                "unmapped": 0, "cut_off": 0}}
     v, w = doc["vcpus"][1], want["vcpus"][1]
     assert v["vcpu_id"] == 1 and v["tid"] == 5001 and v["vendor"] == "svm"
     assert v["status"] == ["valid"] and v["error"] is None
