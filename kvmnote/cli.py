@@ -7,7 +7,7 @@ import os
 import signal
 import sys
 
-from . import report, sources, vmcore
+from . import report, sources, triage, vmcore
 from .core import EXCLUDED, open_core
 from .errors import KvmnoteError
 
@@ -45,6 +45,16 @@ def _one_source(args: argparse.Namespace) -> None:
     """Exactly one of CORE and --coredump."""
     if (args.core is None) == (args.coredump is None):
         raise KvmnoteError("give a CORE file (or - for stdin), or --coredump PID|COMM")
+
+
+TRIAGE_EPILOG = f"""examples:
+  kvmnote triage core.qemu.1234.zst        # VMs, per vCPU mode, RIP, RSP, last exit, status,
+                                           # guest kernel release, what is missing and why
+  kvmnote triage --coredump qemu-system-x86
+  sudo kvmnote triage --install            # from now on, a report for every crashed VMM:
+                                           # {triage.REPORTS}/*.txt and .json, and
+                                           # journalctl -t kvmnote-triage
+"""
 
 
 def _read(args: argparse.Namespace) -> int:
@@ -116,6 +126,23 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
+def _triage(args: argparse.Namespace) -> int:
+    """`kvmnote triage`: the short report of a core, or the systemd-coredump follower."""
+    if args.install:
+        path = triage.install()
+        _emit(f"kvmnote: installed and started {path}; reports go to {triage.REPORTS} and "
+              f"the journal (journalctl -t kvmnote-triage)\n")
+        return 0
+    if args.follow:
+        return triage.follow(args.reports, args.state)
+    _one_source(args)
+    path, stream, name = sources.opened(args.core, args.coredump)
+    with open_core(path, stream=stream, name=name) as core:
+        doc = triage.triage(core)
+    _emit(json.dumps(doc) + "\n" if args.json else triage.text(doc))
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     """The argument parser for all subcommands."""
     p = argparse.ArgumentParser(
@@ -154,6 +181,23 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--allow-partial", action="store_true", help="exit 0 even if guest RAM "
                    "is missing (truncated core) or a vCPU has no state (zero registers)")
     v.set_defaults(func=_vmcore)
+    t = sub.add_parser("triage", help="what each vCPU was doing, in short; automatic "
+                       "reports of systemd-coredump's crashes", epilog=TRIAGE_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("core", nargs="?", help="core file, or - for stdin")
+    t.add_argument("--coredump", metavar="PID|COMM", help="systemd-coredump's newest core "
+                   "of this PID or command")
+    t.add_argument("--json", action="store_true", help="print kvmnote-triage/1 JSON")
+    t.add_argument("--follow", action="store_true", help="follow systemd-coredump's "
+                   "journal entries and write a report for each crashed KVM VMM (what "
+                   "the kvmnote-triage service runs)")
+    t.add_argument("--reports", default=triage.REPORTS, metavar="DIR",
+                   help=f"where --follow writes reports (default {triage.REPORTS})")
+    t.add_argument("--state", default=triage.STATE, metavar="DIR",
+                   help=f"where --follow keeps its journal cursor (default {triage.STATE})")
+    t.add_argument("--install", action="store_true", help=f"install, enable and start "
+                   f"the {triage.UNIT} systemd unit (as root)")
+    t.set_defaults(func=_triage)
     return p
 
 

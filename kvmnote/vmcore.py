@@ -368,6 +368,29 @@ def _copy_ram(core: Core, slots: list[tuple[int, int, int]], offsets: list[int],
     return missing
 
 
+def find_vmcoreinfo(core: Core, vm: Vm, limit: int) -> bytes | None:
+    """The guest kernel's VMCOREINFO text, searched in the first `limit` bytes of the
+    VM's dumped guest RAM (in guest-physical order), or None."""
+    scan, seen = VmcoreinfoScanner(), 0
+    reader = _Reader(core)
+    try:
+        for gpa, size, uaddr in _ram_slots(core, vm):
+            for ua, n, foff, _ in core.pieces(uaddr, size):
+                for pos in range(0, n if foff is not None else 0, CHUNK):
+                    if seen >= limit:
+                        return None
+                    data = reader.read(ua + pos, foff + pos, min(CHUNK, n - pos))
+                    scan.feed(gpa + ua - uaddr + pos, data)
+                    if scan.found:
+                        return scan.found[1]
+                    seen += len(data)
+                    if len(data) < min(CHUNK, n - pos):
+                        return None         # the core ends here
+    finally:
+        reader.close()
+    return None
+
+
 def _ram_slots(core: Core, vm: Vm) -> list[tuple[int, int, int]]:
     """(gpa, size, userspace_addr) of the VM's as_id 0 memslots, by gpa."""
     slots = sorted((m["guest_phys_addr"], m["memory_size"], m["userspace_addr"])
