@@ -279,11 +279,15 @@ def follow(reports: str = REPORTS, state: str = STATE) -> int:
 
 def install(prefix: str = "/etc/systemd/system", systemctl: bool = True) -> str:
     """Write the unit (ExecStart: this kvmnote) and enable it; return the unit's path."""
-    exe = os.path.realpath(sys.argv[0]) if os.path.basename(sys.argv[0]) == "kvmnote" \
-        else f"{os.path.realpath(sys.executable)} -m kvmnote"
+    # the interpreter as started (a venv's python is a symlink: keep its path)
+    exe = os.path.abspath(sys.argv[0]) if os.path.basename(sys.argv[0]) == "kvmnote" \
+        else f"{os.path.abspath(sys.executable)} -m kvmnote"
     path = os.path.join(prefix, UNIT)
-    with open(path, "w") as f:
-        f.write(UNIT_TEXT.format(exec=exe, unit=UNIT))
+    try:
+        with open(path, "w") as f:
+            f.write(UNIT_TEXT.format(exec=exe, unit=UNIT))
+    except OSError as e:
+        raise KvmnoteError(f"{path}: cannot write: {e.strerror} (run as root)") from None
     if systemctl:
         for cmd in (["systemctl", "daemon-reload"], ["systemctl", "enable", "--now", UNIT]):
             p = subprocess.run(cmd, capture_output=True, text=True)

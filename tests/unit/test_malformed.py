@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import corebuilder as cb
 import kvmnote
-from kvmnote import core as core_mod, report, schema as S, vmcore
+from kvmnote import core as core_mod, report, schema as S, triage, vmcore
 from kvmnote.errors import CorruptNoteError, KvmnoteError, VersionError
 from kvmnote.notes import parse_desc
 
@@ -146,6 +146,7 @@ def _open_bytes(data: bytes) -> None:
             with kvmnote.open_core(path) as core:
                 report.to_json(core, core.vcpus)
                 report.text(core, core.vcpus, True)
+                triage.triage(core)
                 for i, _ in enumerate(core.vms):
                     for base, size, _ in core.guest_ranges(i):
                         core.read_guest_phys(base, min(size, 64), i)

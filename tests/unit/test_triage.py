@@ -4,7 +4,9 @@ journalctl and coredumpctl (tests/unit/fakebin) and a test socket as the journal
 import hashlib
 import json
 import os
+import shlex
 import socket
+import subprocess
 import threading
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,7 @@ import zstandard
 import corebuilder as cb
 from kvmnote import schema as S, triage
 from kvmnote.cli import main
+from kvmnote.errors import KvmnoteError
 from test_vmcore import INFO, dontdump_core, info_note, make_core, vcpu
 
 FAKEBIN = Path(__file__).resolve().parent / "fakebin"
@@ -189,3 +192,12 @@ def test_install_writes_unit(tmp_path: Path) -> None:
     exec_line = next(ln for ln in text.splitlines() if ln.startswith("ExecStart="))
     assert exec_line.endswith(" triage --follow")
     assert "Environment=KVMNOTE_TRIAGE_VMCORE=0" in text and "WantedBy=multi-user.target" in text
+    # what the unit runs is this kvmnote: it answers --version
+    p = subprocess.run([*shlex.split(exec_line.removeprefix("ExecStart="))[:-2], "--version"],
+                       capture_output=True, text=True)
+    assert p.returncode == 0 and p.stdout.startswith("kvmnote ")
+
+
+def test_install_cannot_write_is_one_error(tmp_path: Path) -> None:
+    with pytest.raises(KvmnoteError, match="cannot write: No such file or directory"):
+        triage.install(str(tmp_path / "nonexistent"), systemctl=False)
