@@ -26,9 +26,19 @@ DUMPABLE = ("present", "journal", "truncated")
 
 
 def _drain(f: BinaryIO) -> None:
-    """Read `f` to its end, so that the writer of the pipe sees it all consumed."""
-    with contextlib.suppress(OSError):
-        while f.read(1 << 20):
+    """Read `f` to its end, so that the writer of the pipe sees it all consumed: spliced
+    into /dev/null without copying, or read into one reused buffer."""
+    with contextlib.suppress(OSError, ValueError):
+        fd = f.fileno()
+        with open(os.devnull, "wb") as null:
+            try:
+                while os.splice(fd, null.fileno(), 1 << 20):
+                    pass
+                return
+            except OSError:         # not a pipe (or no splice): read
+                pass
+        buf = bytearray(1 << 20)
+        while os.readv(fd, [buf]):
             pass
 
 
