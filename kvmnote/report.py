@@ -42,7 +42,7 @@ def hex64(con: Construct, value: Any) -> Any:
 Typed = Callable[[Construct, Any], Any]
 
 
-def _as_is(con: Construct, value: Any) -> Any:
+def as_is(con: Construct, value: Any) -> Any:
     """`value` unchanged (the text report formats integers itself)."""
     return value
 
@@ -99,7 +99,7 @@ def signal(core: Core) -> int | None:
 
 
 def to_json(core: Core, vcpus: list[Vcpu], h: Typed = hex64) -> dict[str, Any]:
-    """The whole kvmnote-read/2 document for `core`, listing `vcpus` (with h=_as_is:
+    """The whole kvmnote-read/2 document for `core`, listing `vcpus` (with h=as_is:
     every integer as a Python int, for the text report)."""
     return {"schema": SCHEMA,
             "core": {"path": core.path, "pid": core.pid, "comm": core.comm,
@@ -116,7 +116,7 @@ def _flags(value: int, names: dict[int, str]) -> str:
 
 def text(core: Core, vcpus: list[Vcpu], full: bool) -> str:
     """Human-readable report of the VMs and `vcpus`."""
-    doc = to_json(core, vcpus, _as_is)
+    doc = to_json(core, vcpus, as_is)
     c = doc["core"]
     out = [f"core {c['path']}: pid {c['pid']} comm {c['comm']} signal {c['signal']}"]
     for vm in doc["vms"]:

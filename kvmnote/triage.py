@@ -95,7 +95,7 @@ def triage(core: Core, crash: dict[str, Any] | None = None) -> dict[str, Any]:
                            f"kernel release (not a Linux guest, or its RAM is not in the core)")
         cpus = []
         for v in sorted(by_vm.get(vm.vm_index, []), key=lambda v: v.vcpu_id):
-            j = report.vcpu_json(v, report._as_is)
+            j = report.vcpu_json(v, report.as_is)
             cpu: dict[str, Any] = {"vcpu_id": v.vcpu_id, "status": j["status"],
                                    "error": j["error"], "tid": j["tid"]}
             if "regs" in j and "sregs" in j:
@@ -172,8 +172,11 @@ def _entries(state: str) -> Iterator[dict[str, Any]]:
             where = [f"--after-cursor={f.read().strip()}"]
     except FileNotFoundError:
         where = ["--lines=0"]           # first start: crashes from now on
-    cmd = ["journalctl", "--follow", "--output=json", "--no-pager", *where,
-           f"MESSAGE_ID={COREDUMP_MESSAGE_ID}"]
+    # --all: PROC_MAPS is longer than the 4096 bytes journalctl prints by default; and
+    # only these fields, not the core itself (COREDUMP, with Storage=journal)
+    fields = ",".join(["MESSAGE_ID", *(f"COREDUMP_{k}" for k in (*CRASH_FIELDS, "PROC_MAPS"))])
+    cmd = ["journalctl", "--follow", "--output=json", "--all", f"--output-fields={fields}",
+           "--no-pager", *where, f"MESSAGE_ID={COREDUMP_MESSAGE_ID}"]
     try:
         p = subprocess.Popen(cmd, stdout=subprocess.PIPE)
     except FileNotFoundError:
@@ -215,28 +218,35 @@ def handle(entry: dict[str, Any], reports: str, with_vmcore: bool) -> str | None
     ts = _field(entry, "__REALTIME_TIMESTAMP") or str(int(time.time() * 1e6))
     base = os.path.join(reports, f"{ts}-{pid}-{''.join(c if c.isalnum() else '_' for c in comm)}")
     filename = crash.get("COREDUMP_FILENAME")
+    # systemd-coredump logs the process's /proc/PID/maps: a VMM maps its vCPUs' kvm_run
+    vmm = "anon_inode:kvm-vcpu" in crash.get("COREDUMP_PROC_MAPS", "")
     os.makedirs(reports, exist_ok=True)
     tmp: str | None = None
     try:
         if filename and os.path.exists(filename):
             path, name = filename, None
         else:       # stored in the journal, or not readable here: ask coredumpctl
-            stream = sources.dump({"pid": pid, "exe": crash.get("COREDUMP_EXE")})
             try:
-                tmp = sources._spool(stream)
-            finally:
-                if stream.on_close:
-                    stream.on_close()
+                stream = sources.dump({"pid": pid, "exe": crash.get("COREDUMP_EXE")})
+                try:
+                    tmp = sources._spool(stream)
+                finally:
+                    if stream.on_close:
+                        stream.on_close()
+            except KvmnoteError as e:
+                if not vmm:
+                    return None      # no core to look at, and not a VMM by its maps
+                return _write(base, _skeleton(crash, filename, [
+                    f"no core stored for this crash ({e}); see Storage= and the size limits "
+                    f"in coredump.conf(5)"]))
             path, name = tmp, stream.name
         try:
             with open_core(path, name=name) as core:
                 doc = triage(core, crash)
         except NoKvmNotesError as e:
-            if "anon_inode:kvm-vcpu" not in str(e):
+            if not vmm and "anon_inode:kvm-vcpu" not in str(e):
                 return None          # not a KVM VMM: nothing to say
-            doc = {"schema": SCHEMA, "core": {"path": filename or name, "pid": int(pid),
-                                              "comm": comm, "signal": None},
-                   "crash": None, "vms": [], "missing": [str(e)], "vmcore": None}
+            doc = _skeleton(crash, filename or name, [str(e)])
         if with_vmcore and doc["vms"]:
             out = base + ".vmcore"
             try:
@@ -248,6 +258,23 @@ def handle(entry: dict[str, Any], reports: str, with_vmcore: bool) -> str | None
     finally:
         if tmp:
             os.unlink(tmp)
+    return _write(base, doc)
+
+
+def _skeleton(crash: dict[str, str], path: str | None, missing: list[str]) -> dict[str, Any]:
+    """The report of a VMM crash whose core gives no KVM state."""
+    pid = crash.get("COREDUMP_PID", "")
+    return {"schema": SCHEMA,
+            "core": {"path": path, "pid": int(pid) if pid.isdigit() else None,
+                     "comm": crash.get("COREDUMP_COMM"), "signal": None},
+            "crash": {k.lower(): crash[f"COREDUMP_{k}"] for k in CRASH_FIELDS
+                      if crash.get(f"COREDUMP_{k}")},
+            "vms": [], "missing": missing, "vmcore": None}
+
+
+def _write(base: str, doc: dict[str, Any]) -> str:
+    """The report as BASE.txt and BASE.json, and one journal entry; return BASE."""
+    pid = str((doc.get("crash") or {}).get("pid") or doc["core"]["pid"])
     body = text(doc)
     with open(base + ".json", "w") as f:
         json.dump(doc, f, indent=1)

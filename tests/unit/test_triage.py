@@ -21,6 +21,9 @@ from kvmnote.errors import KvmnoteError
 from test_vmcore import INFO, dontdump_core, info_note, make_core, vcpu
 
 FAKEBIN = Path(__file__).resolve().parent / "fakebin"
+FIELDS = ("--output-fields=MESSAGE_ID,COREDUMP_PID,COREDUMP_UID,COREDUMP_SIGNAL,COREDUMP_COMM,"
+          "COREDUMP_EXE,COREDUMP_TIMESTAMP,COREDUMP_FILENAME,COREDUMP_TRUNCATED,COREDUMP_UNIT,"
+          "COREDUMP_PROC_MAPS")
 
 
 def test_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -161,14 +164,14 @@ def test_crash_storm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert {p: sha(p) for p in cores} == cores                # cores untouched
     assert (tmp_path / "state" / "cursor").read_text() == "s=abc;i=9"
     log = [json.loads(ln) for ln in (tmp_path / "journalctl.log").read_text().splitlines()]
-    assert log == [["--follow", "--output=json", "--no-pager", "--lines=0",
+    assert log == [["--follow", "--output=json", "--all", FIELDS, "--no-pager", "--lines=0",
                     f"MESSAGE_ID={triage.COREDUMP_MESSAGE_ID}"]]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("kvmnote-")]  # no copies
     # a restart goes on after the last entry handled: nothing new, nothing redone
     triage.follow(str(tmp_path / "reports"), str(tmp_path / "state"))
     assert len(list((tmp_path / "reports").iterdir())) == 20
     log = [json.loads(ln) for ln in (tmp_path / "journalctl.log").read_text().splitlines()]
-    assert log[1][3] == "--after-cursor=s=abc;i=9"
+    assert log[1][5] == "--after-cursor=s=abc;i=9"
 
 
 def test_optional_vmcore(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -201,3 +204,30 @@ def test_install_writes_unit(tmp_path: Path) -> None:
 def test_install_cannot_write_is_one_error(tmp_path: Path) -> None:
     with pytest.raises(KvmnoteError, match="cannot write: No such file or directory"):
         triage.install(str(tmp_path / "nonexistent"), systemctl=False)
+
+
+def test_vmm_without_stored_core(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Storage=none: no core to read; the VMM is known by the vCPU mappings in the maps
+    systemd-coredump logs, and the report says the core is missing and why."""
+    (tmp_path / "dumps.json").write_text("[]")
+    monkeypatch.setenv("PATH", f"{FAKEBIN}:{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_COREDUMPS", str(tmp_path / "dumps.json"))
+    monkeypatch.setenv("FAKE_COREDUMPCTL_LOG", str(tmp_path / "coredumpctl.log"))
+    monkeypatch.setenv("KVMNOTE_JOURNAL_SOCKET", str(tmp_path / "journal.sock"))
+    vmm = coredump_entry(1, 4242, None)
+    vmm["COREDUMP_PROC_MAPS"] = ("7f0000000000-7f0000003000 rw-s 00000000 00:0e 1234 "
+                                 "anon_inode:kvm-vcpu:0\n")
+    other = coredump_entry(2, 77, None)
+    journal = Journal(tmp_path / "journal.sock")
+    try:
+        base = triage.handle(vmm, str(tmp_path / "r"), with_vmcore=False)
+        assert triage.handle(other, str(tmp_path / "r"), with_vmcore=False) is None
+    finally:
+        sent = journal.close()
+    assert base is not None and len(sent) == 1 and sent[0]["KVMNOTE_COREDUMP_PID"] == "4242"
+    doc = json.loads(Path(base + ".json").read_text())
+    assert doc["vms"] == [] and doc["crash"]["pid"] == "4242"
+    assert doc["missing"] == ["no core stored for this crash (core dump of PID 4242 "
+                              "(/usr/bin/qemu-system-x86_64): coredumpctl dump 4242 wrote "
+                              "nothing (No coredumps found.)); see Storage= and the size "
+                              "limits in coredump.conf(5)"]
