@@ -30,6 +30,7 @@ MAX_NOTES = 256 << 20
 MAX_NOTE_COUNT = 1 << 18
 # Decompressed head of a compressed core kept in memory (headers and notes).
 HEAD_MAX = 64 << 20
+FEED_MAX = 2048
 CHUNK = 1 << 16
 # Largest file offset (off_t) and address (u64): a program header beyond them is corrupt.
 MAX_OFFSET = (1 << 63) - 1
@@ -62,26 +63,43 @@ def _decompressor(kind: str) -> Callable[[bytes], tuple[bytes, bool, bytes]]:
 def _chunks(opener: Callable[[], Any], kind: str, path: str) -> Iterator[bytes]:
     """Decompressed blocks of a multi-frame stream (opener() gives a context manager of
     a binary file); raise if it is corrupt or cut. `path` names it in errors."""
-    # zstd and lz4 can expand a small input enormously (sparse, zero-filled
-    # cores), so feed little at a time to bound memory.
-    feed = 256 if kind in ("zstd", "lz4") else 4096
+    # zstd and lz4 can expand a small input enormously (zero pages: a 4-byte zstd RLE
+    # block is 128 KiB), so feed little at a time to bound memory: 256 bytes, doubled up
+    # to FEED_MAX while the data compresses less than 16:1 (guest RAM full of data, where
+    # 256-byte steps ran at 55 MB/s), so one step's output stays below 64 MiB.
+    adaptive = kind in ("zstd", "lz4")
+    feed = 256 if adaptive else 4096
     try:
         with opener() as f:
             step, pending, in_frame = _decompressor(kind), b"", False
+            parts: list[bytes] = []
+            held = 0
+            inbuf, inpos = b"", 0           # read in 1 MiB blocks, fed `feed` at a time
             while True:
-                data = pending or f.read(feed)
+                if not pending and inpos >= len(inbuf):
+                    inbuf, inpos = f.read(1 << 20), 0
+                data = pending or inbuf[inpos:inpos + feed]
+                inpos += 0 if pending else len(data)
                 pending = b""
                 if not data:
+                    if parts:
+                        yield b"".join(parts)
                     if in_frame:
                         raise CompressedError(f"{path}: {kind} stream ends early "
                                               f"(truncated compressed core)")
                     return
                 out, ended, pending = step(data)
+                if adaptive:
+                    feed = min(feed * 2, FEED_MAX) if len(out) < 16 * len(data) else 256
                 in_frame = not ended
                 if ended:
                     step = _decompressor(kind)
-                if out:
-                    yield out
+                if out:         # handed on in blocks of CHUNK or more, not per step
+                    parts.append(out)
+                    held += len(out)
+                    if held >= CHUNK:
+                        yield b"".join(parts)
+                        parts, held = [], 0
     except (zstandard.ZstdError, lzma.LZMAError, RuntimeError, EOFError, ValueError) as e:
         raise CompressedError(f"{path}: corrupt {kind} stream: {e}") from None
 
