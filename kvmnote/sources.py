@@ -2,8 +2,8 @@
 
 `kvmnote read` parses a piped core as it streams by (headers and notes only, bounded
 memory). `kvmnote vmcore` needs random access to guest RAM, so a piped core is first
-copied, decompressed and sparse, to an unlinked-on-exit temporary file in $TMPDIR
-(default /var/tmp, which is on disk where /tmp may be RAM).
+copied, decompressed and sparse, to an unlinked temporary file in $TMPDIR (default
+/var/tmp, which is on disk where /tmp may be RAM).
 """
 
 import contextlib
@@ -128,14 +128,17 @@ def opened(core: str, coredump: str | None) -> tuple[str, Stream | None, str | N
     return core, None, None
 
 
-def _spool(stream: Stream) -> str:
-    """Copy `stream`, decompressed, to a sparse temporary file; return its path."""
+def spool(stream: Stream) -> int:
+    """Copy `stream`, decompressed, to a sparse temporary file; return its descriptor
+    (the file is unlinked at once, so nothing is left behind even if kvmnote is killed;
+    open it as /proc/self/fd/N)."""
     kind = _magic_kind(stream.magic, stream.name)
     chunks = _raw_chunks(stream) if kind is None else _chunks(lambda: stream, kind,
                                                               stream.name)
     tmpdir = os.environ.get("TMPDIR") or "/var/tmp"
     try:
         fd, path = tempfile.mkstemp(prefix="kvmnote-", suffix=".core", dir=tmpdir)
+        os.unlink(path)
     except OSError as e:
         raise KvmnoteError(f"cannot create a temporary copy of {stream.name} in {tmpdir}: "
                            f"{e.strerror} (set TMPDIR)") from None
@@ -151,22 +154,19 @@ def _spool(stream: Stream) -> str:
         os.ftruncate(fd, size)
     except OSError as e:
         os.close(fd)
-        os.unlink(path)
         raise KvmnoteError(f"cannot copy {stream.name} to {tmpdir}: {e.strerror} "
                            f"(set TMPDIR to a larger file system)") from None
     except BaseException:
         os.close(fd)
-        os.unlink(path)
         raise
-    os.close(fd)
-    return path
+    return fd
 
 
 @contextlib.contextmanager
 def as_file(core: str, coredump: str | None) -> Iterator[tuple[str, str | None]]:
     """(file path, name for messages or None) of the core `kvmnote vmcore` was given:
-    the file itself, or a temporary copy of stdin or of the coredumpctl dump, removed
-    when the block ends. A regular file on stdin (< core) is used in place."""
+    the file itself, or a temporary copy of stdin or of the coredumpctl dump (unlinked
+    from the start, closed when the block ends). A regular file on stdin (< core) is used in place."""
     if coredump is None and core != STDIN:
         yield core, None
         return
@@ -176,11 +176,11 @@ def as_file(core: str, coredump: str | None) -> Iterator[tuple[str, str | None]]
         return
     stream = dump(find(coredump)) if coredump is not None else stdin_stream()
     try:
-        path = _spool(stream)
+        fd = spool(stream)
     finally:
         if stream.on_close is not None:
             stream.on_close()
     try:
-        yield path, stream.name
+        yield f"/proc/self/fd/{fd}", stream.name
     finally:
-        os.unlink(path)
+        os.close(fd)

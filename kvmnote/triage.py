@@ -221,7 +221,7 @@ def handle(entry: dict[str, Any], reports: str, with_vmcore: bool) -> str | None
     # systemd-coredump logs the process's /proc/PID/maps: a VMM maps its vCPUs' kvm_run
     vmm = "anon_inode:kvm-vcpu" in crash.get("COREDUMP_PROC_MAPS", "")
     os.makedirs(reports, exist_ok=True)
-    tmp: str | None = None
+    tmp: int | None = None          # descriptor of the copy of a core kept in the journal
     try:
         if filename and os.path.exists(filename):
             path, name = filename, None
@@ -229,7 +229,7 @@ def handle(entry: dict[str, Any], reports: str, with_vmcore: bool) -> str | None
             try:
                 stream = sources.dump({"pid": pid, "exe": crash.get("COREDUMP_EXE")})
                 try:
-                    tmp = sources._spool(stream)
+                    tmp = sources.spool(stream)
                 finally:
                     if stream.on_close:
                         stream.on_close()
@@ -239,7 +239,7 @@ def handle(entry: dict[str, Any], reports: str, with_vmcore: bool) -> str | None
                 return _write(base, _skeleton(crash, filename, [
                     f"no core stored for this crash ({e}); see Storage= and the size limits "
                     f"in coredump.conf(5)"]))
-            path, name = tmp, stream.name
+            path, name = f"/proc/self/fd/{tmp}", stream.name
         try:
             with open_core(path, name=name) as core:
                 doc = triage(core, crash)
@@ -256,8 +256,8 @@ def handle(entry: dict[str, Any], reports: str, with_vmcore: bool) -> str | None
             except KvmnoteError as e:
                 doc["missing"].append(f"no guest vmcore: {e}")
     finally:
-        if tmp:
-            os.unlink(tmp)
+        if tmp is not None:
+            os.close(tmp)
     return _write(base, doc)
 
 
