@@ -31,6 +31,9 @@ TRIAGE_MESSAGE_ID = "5c4f2a0e8b1d4b7e9a3c6d2f1e0b7a94"       # kvmnote's own, fo
 REPORTS = "/var/lib/kvmnote/reports"
 STATE = "/var/lib/kvmnote"
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
+# Longest MESSAGE sent: one datagram must fit the socket's buffer (net.core.wmem_default,
+# 208 KiB); a report of some 800 vCPUs or more is cut here, whole in its .txt file.
+JOURNAL_MESSAGE_MAX = 128 << 10
 # Guest RAM searched for VMCOREINFO (Linux allocates it early, in low memory).
 VMCOREINFO_SEARCH = 4 << 30
 # systemd-coredump's fields copied into the report (not ENVIRON, PROC_MAPS... )
@@ -280,7 +283,11 @@ def _write(base: str, doc: dict[str, Any]) -> str:
         json.dump(doc, f, indent=1)
     with open(base + ".txt", "w") as f:
         f.write(body)
-    journal_send({"MESSAGE": body.rstrip("\n"), "MESSAGE_ID": TRIAGE_MESSAGE_ID,
+    message = body.rstrip("\n")
+    if len(message) > JOURNAL_MESSAGE_MAX:     # one datagram; the file has it all
+        message = (message[:JOURNAL_MESSAGE_MAX].rsplit("\n", 1)[0]
+                   + f"\n... (the whole report: {base}.txt)")
+    journal_send({"MESSAGE": message, "MESSAGE_ID": TRIAGE_MESSAGE_ID,
                   "PRIORITY": "3", "SYSLOG_IDENTIFIER": "kvmnote-triage",
                   "KVMNOTE_COREDUMP_PID": pid, "KVMNOTE_REPORT": base + ".txt"})
     return base

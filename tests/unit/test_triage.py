@@ -231,3 +231,23 @@ def test_vmm_without_stored_core(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                               "(/usr/bin/qemu-system-x86_64): coredumpctl dump 4242 wrote "
                               "nothing (No coredumps found.)); see Storage= and the size "
                               "limits in coredump.conf(5)"]
+
+
+def test_huge_report_fits_one_journal_entry(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A report longer than one journal datagram holds (here: 64 vCPUs against a 4 KiB
+    limit): the journal gets one entry, cut, pointing at the file; the file has it all."""
+    monkeypatch.setattr(triage, "JOURNAL_MESSAGE_MAX", 4096)
+    make_core(tmp_path / "core", vcpus=[vcpu(i) for i in range(64)])
+    monkeypatch.setenv("KVMNOTE_JOURNAL_SOCKET", str(tmp_path / "journal.sock"))
+    journal = Journal(tmp_path / "journal.sock")
+    try:
+        base = triage.handle(coredump_entry(1, 4242, tmp_path / "core"), str(tmp_path / "r"),
+                             with_vmcore=False)
+    finally:
+        sent = journal.close()
+    whole = Path(f"{base}.txt").read_text()
+    assert whole.count("\n  vCPU ") == 64 and len(whole) > 4096
+    (entry,) = sent
+    assert entry["MESSAGE"].endswith(f"... (the whole report: {base}.txt)")
+    assert whole.startswith(entry["MESSAGE"].rsplit("\n", 1)[0])
