@@ -1,11 +1,14 @@
 """`kvmnote` command line: a thin argparse layer over the library."""
 
 import argparse
+import importlib.metadata
 import json
+import os
+import signal
 import sys
 
-from . import report, vmcore
-from .core import open_core
+from . import report, sources, triage, vmcore
+from .core import EXCLUDED, open_core
 from .errors import KvmnoteError
 
 EPILOG = """examples:
@@ -13,8 +16,12 @@ EPILOG = """examples:
   kvmnote read --vcpu 2 core.qemu.1234     # only the vCPU with vcpu_id 2
   kvmnote read --all core.qemu.1234.zst    # plus MSRs, LAPIC, XSAVE... (compressed core)
   kvmnote read --json core | jq '.vcpus[].regs.rip'
+  coredumpctl dump 1234 | kvmnote read -  # a core on stdin
+  kvmnote read --coredump qemu-system-x86  # the newest stored core of that command
 
-exit status: 0 success, 2 error (bad input or usage; one line on stderr)
+exit status: 0 success; 1 (vmcore only) vmcore written but incomplete: guest RAM
+missing from the core, or a vCPU without state; 2 error (bad input or usage; one line
+on stderr); 141 stdout closed by its reader (| head), like a filter killed by SIGPIPE
 """
 
 VMCORE_EPILOG = """examples:
@@ -22,6 +29,7 @@ VMCORE_EPILOG = """examples:
   kvmnote vmcore core.qemu.1234.zst -o guest.vmcore   # systemd-coredump's compressed core
   kvmnote vmcore --cpu-map 0=0,2=1 core -o guest.vmcore
   kvmnote vmcore --allow-partial truncated.core -o guest.vmcore
+  kvmnote vmcore --coredump 1234 -o guest.vmcore      # systemd-coredump's core of PID 1234
 
 Guest CPU numbers: KVM's vcpu_id is the VMM's choice (QEMU: the APIC ID), and Linux
 numbers CPUs in the order the firmware tables (MADT, MP table) list them, which QEMU emits
@@ -33,38 +41,106 @@ vCPU without state; only without --allow-partial); 2 error, nothing written
 """
 
 
+def _one_source(args: argparse.Namespace) -> None:
+    """Exactly one of CORE and --coredump."""
+    if (args.core is None) == (args.coredump is None):
+        raise KvmnoteError("give a CORE file (or - for stdin), or --coredump PID|COMM")
+
+
+TRIAGE_EPILOG = f"""examples:
+  kvmnote triage core.qemu.1234.zst        # VMs, per vCPU mode, RIP, RSP, last exit, status,
+                                           # guest kernel release, what is missing and why
+  kvmnote triage --coredump qemu-system-x86
+  sudo kvmnote triage --install            # from now on, a report for every crashed VMM:
+                                           # {triage.REPORTS}/*.txt and .json, and
+                                           # journalctl -t kvmnote-triage
+"""
+
+
 def _read(args: argparse.Namespace) -> int:
     """`kvmnote read`: print the KVM state in a core."""
-    with open_core(args.core) as core:
+    _one_source(args)
+    path, stream, name = sources.opened(args.core, args.coredump)
+    with open_core(path, stream=stream, name=name) as core:
+        for w in core.warnings:
+            print(f"kvmnote: warning: {w}", file=sys.stderr)
         vcpus = core.vcpus
         if args.vcpu is not None:
             vcpus = [v for v in vcpus if v.vcpu_id == args.vcpu]
             if not vcpus:
-                raise KvmnoteError(f"{args.core}: no vCPU with vcpu_id {args.vcpu} "
+                raise KvmnoteError(f"{core.path}: no vCPU with vcpu_id {args.vcpu} "
                                    f"(have {sorted({v.vcpu_id for v in core.vcpus})})")
         if args.json:
-            sys.stdout.write(json.dumps(report.to_json(core, vcpus)) + "\n")
+            _emit(json.dumps(report.to_json(core, vcpus)) + "\n")
         else:
-            sys.stdout.write(report.text(core, vcpus, args.all))
+            _emit(report.text(core, vcpus, args.all))
     return 0
+
+
+class _StdoutError(KvmnoteError):
+    """Writing to stdout failed (ENOSPC, EIO...), other than a closed pipe."""
+
+
+def _emit(text: str) -> None:
+    """Write `text` to stdout and flush; a failure other than EPIPE is a _StdoutError."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as e:
+        raise _StdoutError(f"cannot write to stdout: {e.strerror}") from None
 
 
 def _vmcore(args: argparse.Namespace) -> int:
     """`kvmnote vmcore`: write a guest vmcore from a VMM core."""
     info = vmcore.read_vmcoreinfo_file(args.vmcoreinfo) if args.vmcoreinfo else None
     cpu_map = vmcore.parse_cpu_map(args.cpu_map) if args.cpu_map is not None else None
-    res = vmcore.write_vmcore(args.core, args.output, vm_index=args.vm, cpu_map=cpu_map,
-                              vmcoreinfo=info, allow_partial=args.allow_partial,
-                              force=args.force, progress=vmcore.tty_progress(sys.stderr))
+    _one_source(args)
+    with sources.as_file(args.core, args.coredump) as (path, name):
+        res = vmcore.write_vmcore(path, args.output, vm_index=args.vm, cpu_map=cpu_map,
+                                  vmcoreinfo=info, allow_partial=args.allow_partial,
+                                  force=args.force, progress=vmcore.tty_progress(sys.stderr),
+                                  name=name)
     for w in res.warnings:
         print(f"kvmnote: warning: {w}", file=sys.stderr)
-    if res.missing:
-        total = sum(m.size for m in res.missing)
+    excluded = sum(m.size for m in res.missing if m.reason == vmcore.WHY[EXCLUDED])
+    if excluded:    # one line: guest RAM left out on purpose, and how to keep it
+        print(f"kvmnote: {args.output}: {excluded} bytes of guest RAM "
+              f"{vmcore.EXCLUDED_HINT}", file=sys.stderr)
+    missing = [m for m in res.missing if m.reason != vmcore.WHY[EXCLUDED]]
+    if missing:
+        total = sum(m.size for m in missing)
         print(f"kvmnote: {args.output}: {total} bytes of guest RAM are not in the core, "
               f"written as zeros:", file=sys.stderr)
-        for m in res.missing:
+        for m in missing:
             print(f"kvmnote:   missing {m}", file=sys.stderr)
     return 0 if res.complete or args.allow_partial else 1
+
+
+def _version() -> str:
+    """The installed package's version (pyproject.toml), or 'unknown' from a bare tree."""
+    try:
+        return importlib.metadata.version("kvmnote")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _triage(args: argparse.Namespace) -> int:
+    """`kvmnote triage`: the short report of a core, or the systemd-coredump follower."""
+    if args.install:
+        path = triage.install()
+        _emit(f"kvmnote: installed and started {path}; reports go to {triage.REPORTS} and "
+              f"the journal (journalctl -t kvmnote-triage)\n")
+        return 0
+    if args.follow:
+        return triage.follow(args.reports, args.state)
+    _one_source(args)
+    path, stream, name = sources.opened(args.core, args.coredump)
+    with open_core(path, stream=stream, name=name) as core:
+        doc = triage.triage(core)
+    _emit(json.dumps(doc) + "\n" if args.json else triage.text(doc))
+    return 0
 
 
 def parser() -> argparse.ArgumentParser:
@@ -72,11 +148,16 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="kvmnote", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Read KVM vCPU and VM state from the notes in a VMM's core file.")
+    p.add_argument("--version", action="version", version=f"kvmnote {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("read", help="show the VMs and vCPUs in a core file", epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    r.add_argument("core", help="core file (plain, or zstd/lz4/xz compressed)")
-    r.add_argument("--json", action="store_true", help="print kvmnote-read/1 JSON")
+    r.add_argument("core", nargs="?", help="core file (plain, or zstd/lz4/xz compressed); "
+                   "- reads it from stdin")
+    r.add_argument("--coredump", metavar="PID|COMM", help="the newest core dump that "
+                   "systemd-coredump stored for this PID or command (coredumpctl list "
+                   "matches it), instead of CORE")
+    r.add_argument("--json", action="store_true", help="print kvmnote-read/2 JSON (64-bit values as \"0x...\" strings)")
     r.add_argument("--vcpu", type=int, metavar="N", help="only the vCPU with vcpu_id N")
     r.add_argument("--all", action="store_true",
                    help="also MSRs, debug registers, events, XCRs, XSAVE, LAPIC")
@@ -84,7 +165,11 @@ def parser() -> argparse.ArgumentParser:
     v = sub.add_parser("vmcore", help="write the guest's vmcore (for crash, gdb, drgn)",
                        epilog=VMCORE_EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    v.add_argument("core", help="VMM core file (plain, or zstd/lz4/xz compressed)")
+    v.add_argument("core", nargs="?", help="VMM core file (plain, or zstd/lz4/xz "
+                   "compressed); - reads it from stdin (copied to a sparse file in $TMPDIR, "
+                   "default /var/tmp, while kvmnote runs)")
+    v.add_argument("--coredump", metavar="PID|COMM", help="the newest core dump that "
+                   "systemd-coredump stored for this PID or command, instead of CORE")
     v.add_argument("-o", "--output", required=True, metavar="VMCORE", help="vmcore to write")
     v.add_argument("--force", action="store_true", help="overwrite an existing VMCORE")
     v.add_argument("--vm", type=int, metavar="N", help="the VM with vm_index N (needed "
@@ -96,14 +181,47 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--allow-partial", action="store_true", help="exit 0 even if guest RAM "
                    "is missing (truncated core) or a vCPU has no state (zero registers)")
     v.set_defaults(func=_vmcore)
+    t = sub.add_parser("triage", help="what each vCPU was doing, in short; automatic "
+                       "reports of systemd-coredump's crashes", epilog=TRIAGE_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("core", nargs="?", help="core file, or - for stdin")
+    t.add_argument("--coredump", metavar="PID|COMM", help="systemd-coredump's newest core "
+                   "of this PID or command")
+    t.add_argument("--json", action="store_true", help="print kvmnote-triage/1 JSON")
+    t.add_argument("--follow", action="store_true", help="follow systemd-coredump's "
+                   "journal entries and write a report for each crashed KVM VMM (what "
+                   "the kvmnote-triage service runs)")
+    t.add_argument("--reports", default=triage.REPORTS, metavar="DIR",
+                   help=f"where --follow writes reports (default {triage.REPORTS})")
+    t.add_argument("--state", default=triage.STATE, metavar="DIR",
+                   help=f"where --follow keeps its journal cursor (default {triage.STATE})")
+    t.add_argument("--install", action="store_true", help=f"install, enable and start "
+                   f"the {triage.UNIT} systemd unit (as root)")
+    t.set_defaults(func=_triage)
     return p
+
+
+def _drop_stdout() -> None:
+    """Point fd 1 at /dev/null, so that the interpreter's last flush does not fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.close(devnull)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit status."""
     args = parser().parse_args(argv)
     try:
+        if sys.stdout is None:      # started with fd 1 closed (`kvmnote read CORE >&-`)
+            raise KvmnoteError("stdout is closed")
         return args.func(args)
     except KvmnoteError as e:
+        if isinstance(e, _StdoutError):
+            _drop_stdout()
         print(f"kvmnote: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader went away (`| head`): stop quietly, with the status of a filter
+        # killed by SIGPIPE, as the shell reports it.
+        _drop_stdout()
+        return 128 + signal.SIGPIPE

@@ -17,6 +17,10 @@ class TruncatedError(KvmnoteError):
     """Data the headers promise lies beyond the end of the file."""
 
 
+class CorruptCoreError(KvmnoteError):
+    """An ELF header, program header or memslot holds an impossible size or offset."""
+
+
 class CompressedError(KvmnoteError):
     """The compressed stream is corrupt or ends early."""
 

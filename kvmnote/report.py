@@ -1,13 +1,16 @@
-"""What `kvmnote read` shows: the kvmnote-read/1 JSON document and its text form."""
+"""What `kvmnote read` shows: the kvmnote-read/2 JSON document and its text form."""
 
+from collections.abc import Callable
 from typing import Any
 
+from construct import Array, Construct, FormatField, Renamed, Struct
+
 from . import decode as D
-from .core import Core
 from . import schema as S
+from .core import EXCLUDED_FIX, EXCLUDED_WHY, TRUNCATED_WHY, Core
 from .notes import Vcpu, Vm
 
-SCHEMA = "kvmnote-read/1"
+SCHEMA = "kvmnote-read/2"
 OMIT = frozenset({"reserved", "reserved2", "padding", "pad"})
 
 
@@ -20,44 +23,74 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
-def vm_json(vm: Vm) -> dict[str, Any]:
-    """A VM as kvmnote-read/1 JSON."""
-    return {**_clean(vm.info), "vendor": D.vendor(vm.info["vendor"]),
+def hex64(con: Construct, value: Any) -> Any:
+    """`value`, parsed with `con`, with every field `con` declares as a 64-bit integer
+    written as a "0x..." string (JSON numbers lose precision above 2^53 in jq 1.6 and
+    JavaScript); keys that `con` does not declare are kept as they are."""
+    if isinstance(con, Renamed):
+        return hex64(con.subcon, value)
+    if isinstance(con, Struct) and isinstance(value, dict):
+        subs = {sub.name: sub for sub in con.subcons}
+        return {k: hex64(subs[k], v) if k in subs else v for k, v in value.items()}
+    if isinstance(con, Array) and isinstance(value, list):
+        return [hex64(con.subcon, v) for v in value]
+    if isinstance(con, FormatField) and con.length == 8 and isinstance(value, int):
+        return f"{value:#x}"
+    return value
+
+
+Typed = Callable[[Construct, Any], Any]
+
+
+def as_is(con: Construct, value: Any) -> Any:
+    """`value` unchanged (the text report formats integers itself)."""
+    return value
+
+
+def vm_json(vm: Vm, h: Typed = hex64) -> dict[str, Any]:
+    """A VM as kvmnote-read/2 JSON."""
+    return {**_clean(h(S.kvm_core_vm, vm.info)), "vendor": D.vendor(vm.info["vendor"]),
             "flags_names": D.bits(vm.info["flags"], S.VM_FLAG_NAMES),
-            "memslots": _clean(vm.memslots)}
+            "memslots": _clean([h(S.kvm_core_memslot, m) for m in vm.memslots]),
+            "unknown_records": [{"type": t, "size": s} for t, s in vm.unknown_records]}
 
 
-def vcpu_json(vcpu: Vcpu) -> dict[str, Any]:
-    """A vCPU as kvmnote-read/1 JSON."""
+def vcpu_json(vcpu: Vcpu, h: Typed = hex64) -> dict[str, Any]:
+    """A vCPU as kvmnote-read/2 JSON."""
     r = vcpu.records
-    out: dict[str, Any] = {**_clean(vcpu.info), "vendor": D.vendor(vcpu.info["vendor"]),
+    out: dict[str, Any] = {**_clean(h(S.kvm_core_vcpu, vcpu.info)),
+                           "vendor": D.vendor(vcpu.info["vendor"]),
                            "status": D.status(vcpu.info["status"]),
                            "error": D.error(vcpu.info["error"])}
-    for name in ("regs", "sregs", "debugregs", "events"):
+    for name, con in (("regs", S.kvm_regs), ("sregs", S.kvm_sregs2),
+                      ("debugregs", S.kvm_debugregs), ("events", S.kvm_vcpu_events)):
         if name in r:
-            out[name] = _clean(r[name])
+            out[name] = _clean(h(con, r[name]))
     if "mp_state" in r:
         out["mp_state"] = r["mp_state"]["mp_state"]
     if "xcrs" in r:
-        out["xcrs"] = [{"xcr": x["xcr"], "value": x["value"]}
+        out["xcrs"] = [h(S.kvm_xcr, {"xcr": x["xcr"], "value": x["value"]})
                        for x in r["xcrs"]["xcrs"][:r["xcrs"]["nr_xcrs"]]]
     if "xsave" in r:
-        out["xsave"] = D.xsave(r["xsave"])
+        out["xsave"] = h(S.xsave_prefix, D.xsave(r["xsave"]))
     if "lapic" in r:
         x2apic = bool(r.get("sregs", {}).get("apic_base", 0) >> 10 & 1)
-        out["lapic"] = {**D.lapic(r["lapic"], x2apic), "regs_hex": r["lapic"].hex()}
+        lapic = D.lapic(r["lapic"], x2apic)
+        # ICR is two 32-bit registers that D.lapic joins into one 64-bit value
+        lapic["icr"] = h(S.kvm_msr_entry.data, lapic["icr"])
+        out["lapic"] = {**lapic, "regs_hex": r["lapic"].hex()}
     if "msrs" in r:
         out["msrs"] = [{"index": m["index"], "name": D.MSR_NAMES.get(m["index"]),
-                        "value": m["data"]} for m in r["msrs"]]
+                        "value": h(S.kvm_msr_entry.data, m["data"])} for m in r["msrs"]]
     if "cpuid" in r:
-        out["cpuid"] = _clean(r["cpuid"])
+        out["cpuid"] = _clean([h(S.kvm_cpuid_entry2, e) for e in r["cpuid"]])
     if "tsc" in r:
-        out["tsc"] = _clean(r["tsc"])
+        out["tsc"] = _clean(h(S.kvm_core_tsc, r["tsc"]))
     if "vmx_exit" in r:
-        out["exit"] = {"type": "vmx", **_clean(r["vmx_exit"]),
+        out["exit"] = {"type": "vmx", **_clean(h(S.kvm_core_vmx_exit, r["vmx_exit"])),
                        "reason_name": D.vmx_exit_reason(r["vmx_exit"]["exit_reason"])}
     elif "svm_exit" in r:
-        out["exit"] = {"type": "svm", **_clean(r["svm_exit"]),
+        out["exit"] = {"type": "svm", **_clean(h(S.kvm_core_svm_exit, r["svm_exit"])),
                        "reason_name": D.svm_exit_code(r["svm_exit"]["exit_code"])}
     out["unknown_records"] = [{"type": t, "size": s} for t, s in vcpu.unknown_records]
     return out
@@ -70,14 +103,16 @@ def signal(core: Core) -> int | None:
     return next((t.cursig for t in core.threads if t.cursig), None)
 
 
-def to_json(core: Core, vcpus: list[Vcpu]) -> dict[str, Any]:
-    """The whole kvmnote-read/1 document for `core`, listing `vcpus`."""
+def to_json(core: Core, vcpus: list[Vcpu], h: Typed = hex64) -> dict[str, Any]:
+    """The whole kvmnote-read/2 document for `core`, listing `vcpus` (with h=as_is:
+    every integer as a Python int, for the text report)."""
     return {"schema": SCHEMA,
             "core": {"path": core.path, "pid": core.pid, "comm": core.comm,
                      "signal": signal(core)},
-            "vms": [vm_json(vm) for vm in core.vms],
-            "vcpus": [vcpu_json(v) for v in vcpus],
-            "dropped": [_clean(d.info) for d in core.dropped]}
+            "vms": [{**vm_json(vm, h), "guest_ram": core.guest_ram(vm)} for vm in core.vms],
+            "vcpus": [vcpu_json(v, h) for v in vcpus],
+            "dropped": [_clean(d.info) for d in core.dropped],
+            "warnings": core.warnings}
 
 
 def _flags(value: int, names: dict[int, str]) -> str:
@@ -87,13 +122,17 @@ def _flags(value: int, names: dict[int, str]) -> str:
 
 def text(core: Core, vcpus: list[Vcpu], full: bool) -> str:
     """Human-readable report of the VMs and `vcpus`."""
-    doc = to_json(core, vcpus)
+    doc = to_json(core, vcpus, as_is)
     c = doc["core"]
     out = [f"core {c['path']}: pid {c['pid']} comm {c['comm']} signal {c['signal']}"]
     for vm in doc["vms"]:
         out.append(f"\nVM {vm['vm_index']}: vendor {vm['vendor']}, {vm['nr_vcpus']} vCPUs, "
                    f"vm_type {vm['vm_type']}, flags {_flags(vm['flags'], S.VM_FLAG_NAMES)}, "
                    f"pid {vm['pid']}")
+        out.append(_ram_text(vm["guest_ram"]))
+        if vm["unknown_records"]:
+            out.append("  unknown records: " + ", ".join(
+                f"type {u['type']} ({u['size']} bytes)" for u in vm["unknown_records"]))
         out.append(f"  {'slot':>5} {'as':>2} {'flags':<24} {'GPA range':<35} "
                    f"{'size':>12}  userspace addr")
         for m in vm["memslots"]:
@@ -103,11 +142,36 @@ def text(core: Core, vcpus: list[Vcpu], full: bool) -> str:
                        f"{m['guest_phys_addr']:#018x}-{end:#018x} {m['memory_size']:>12}  "
                        f"{m['userspace_addr']:#x}")
     for d in doc["dropped"]:
-        out.append(f"\nthe kernel left out, for lack of memory ({D.error(d['reason'])}): "
-                   f"{d['nr_vms']} VMs, {d['nr_vcpus']} vCPUs, {d['nr_memslots']} memslots")
+        out.append("\nthe kernel left out, for lack of memory: " + ", ".join(
+            f"{'all' if d[k] == S.KVM_CORE_DROPPED_UNKNOWN else d[k]} {what}"
+            for k, what in (("nr_vms", "VMs"), ("nr_vcpus", "vCPUs"),
+                            ("nr_memslots", "memslots")) if d[k]))
     for v, raw in zip(doc["vcpus"], vcpus):
         out += _vcpu_text(v, raw, full)
     return "\n".join(out) + "\n"
+
+
+def _size(n: int) -> str:
+    """A byte count for people."""
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):.1f} {unit}"
+    return f"{n} bytes"
+
+
+def _ram_text(g: dict[str, Any]) -> str:
+    """The summary line of a VM's guest RAM: how much the core holds, and why not all."""
+    line = f"  guest RAM: {_size(g['dumped'])} of {_size(g['size'])} in the core"
+    gaps = []
+    if g["excluded"]:
+        gaps.append(f"{_size(g['excluded'])} {EXCLUDED_WHY}; {EXCLUDED_FIX}")
+    if g["cut_off"]:
+        gaps.append(f"{_size(g['cut_off'])} cut off ({TRUNCATED_WHY})")
+    if g["unmapped"]:
+        gaps.append(f"{_size(g['unmapped'])} in no PT_LOAD")
+    if gaps:
+        line += "; " + "; ".join(gaps) + "; the vCPU registers are all there"
+    return line
 
 
 def _vcpu_text(v: dict[str, Any], raw: Vcpu, full: bool) -> list[str]:

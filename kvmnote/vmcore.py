@@ -9,13 +9,14 @@ PT_LOAD per guest RAM slot with p_paddr = p_vaddr = guest-physical address.
 import os
 import stat
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import schema as S
-from .core import Core, open_core
-from .errors import CompressedError, KvmnoteError, MissingDataError
+from .core import (EXCLUDED, EXCLUDED_FIX, EXCLUDED_WHY, TRUNCATED_WHY, UNMAPPED, Core,
+                   open_core)
+from .errors import CompressedError, CorruptCoreError, KvmnoteError, MissingDataError
 from .notes import Vcpu, Vm
 
 PAGE = 4096
@@ -25,9 +26,20 @@ ZERO_PAGE = bytes(PAGE)
 # Largest VMCOREINFO accepted (the kernel's is at most one page).
 VMCOREINFO_MAX = 8192
 PT_LOAD, PT_NOTE, ET_CORE, EM_X86_64 = 1, 4, 4, 62
+# What KVM_SET_USER_MEMORY_REGION accepts: at most KVM_MEM_MAX_NR_PAGES (2^31 - 1) pages
+# per slot, guest-physical addresses below 2^52 (the architectural MAXPHYADDR limit), and
+# userspace addresses below 2^56 (TASK_SIZE with 5-level paging). A memslot beyond them
+# is corrupt, and would ask for an output file no file system holds.
+MAX_SLOT_SIZE = ((1 << 31) - 1) * PAGE
+MAX_GPA = 1 << 52
+MAX_UADDR = 1 << 56
 
 Progress = Callable[[int, int], None]
-NOT_DUMPED = "not dumped (p_filesz < p_memsz: MADV_DONTDUMP, or memory the VMM never touched)"
+WHY = {EXCLUDED: "excluded by the VMM (MADV_DONTDUMP: the PT_LOAD has p_filesz < p_memsz)",
+       UNMAPPED: "not in the core (no PT_LOAD)"}
+CUT = f"cut off: the core file ends before it ({TRUNCATED_WHY})"
+# One line for guest RAM left out on purpose (after the byte count).
+EXCLUDED_HINT = f"{EXCLUDED_WHY}, written as zeros; {EXCLUDED_FIX}"
 
 
 @dataclass
@@ -236,35 +248,13 @@ def _note(name: bytes, ntype: int, desc: bytes) -> bytes:
     return S.build_note(name, ntype, desc)
 
 
-def _pieces(core: Core, uaddr: int, size: int) -> Iterator[tuple[int, int, int | None, str]]:
-    """(uaddr, size, file offset or None, why absent) of a host range, per PT_LOAD."""
-    end = uaddr + size
-    for ld in core.loads:
-        if ld.vaddr + ld.memsz <= uaddr:
-            continue
-        if ld.vaddr >= end:
-            break
-        if ld.vaddr > uaddr:
-            yield uaddr, ld.vaddr - uaddr, None, "not in the core (no PT_LOAD)"
-            uaddr = ld.vaddr
-        stop = min(end, ld.vaddr + ld.memsz)
-        dumped = min(stop, ld.vaddr + ld.filesz)
-        if dumped > uaddr:
-            yield uaddr, dumped - uaddr, ld.offset + uaddr - ld.vaddr, ""
-            uaddr = dumped
-        if stop > uaddr:
-            yield uaddr, stop - uaddr, None, NOT_DUMPED
-            uaddr = stop
-    if end > uaddr:
-        yield uaddr, end - uaddr, None, "not in the core (no PT_LOAD)"
-
-
 class _Reader:
     """Core bytes by (address, file offset): plain files with pread (holes skipped)."""
 
     def __init__(self, core: Core) -> None:
         self.core = core
-        self.fd = os.open(core.path, os.O_RDONLY) if core.compression is None else -1
+        plain = core.compression is None and core.file is not None
+        self.fd = os.open(core.file, os.O_RDONLY) if plain else -1
         self.size = os.fstat(self.fd).st_size if self.fd >= 0 else 0
         self.buf = bytearray(CHUNK)   # reused: no allocation (and page faults) per chunk
 
@@ -356,10 +346,10 @@ def _copy_ram(core: Core, slots: list[tuple[int, int, int]], offsets: list[int],
     reader = _Reader(core)
     try:
         for (gpa, size, uaddr), base in zip(slots, offsets):
-            for ua, n, foff, why in _pieces(core, uaddr, size):
+            for ua, n, foff, state in core.pieces(uaddr, size):
                 g = gpa + ua - uaddr
                 if foff is None:
-                    lack(g, n, why)
+                    lack(g, n, WHY[state])
                     done += n
                     continue
                 for pos in range(0, n, CHUNK):
@@ -369,8 +359,7 @@ def _copy_ram(core: Core, slots: list[tuple[int, int, int]], offsets: list[int],
                     if scan:
                         scan.feed(g + pos, data)
                     if len(data) < step:
-                        lack(g + pos + len(data), step - len(data),
-                             "cut off: the core file ends before it (truncated core)")
+                        lack(g + pos + len(data), step - len(data), CUT)
                     if progress:
                         progress(done + pos + step, total)
                 done += n
@@ -379,10 +368,38 @@ def _copy_ram(core: Core, slots: list[tuple[int, int, int]], offsets: list[int],
     return missing
 
 
+def find_vmcoreinfo(core: Core, vm: Vm, limit: int) -> bytes | None:
+    """The guest kernel's VMCOREINFO text, searched in the first `limit` bytes of the
+    VM's dumped guest RAM (in guest-physical order), or None."""
+    scan, seen = VmcoreinfoScanner(), 0
+    reader = _Reader(core)
+    try:
+        for gpa, size, uaddr in _ram_slots(core, vm):
+            for ua, n, foff, _ in core.pieces(uaddr, size):
+                for pos in range(0, n if foff is not None else 0, CHUNK):
+                    if seen >= limit:
+                        return None
+                    data = reader.read(ua + pos, foff + pos, min(CHUNK, n - pos))
+                    scan.feed(gpa + ua - uaddr + pos, data)
+                    if scan.found:
+                        return scan.found[1]
+                    seen += len(data)
+                    if len(data) < min(CHUNK, n - pos):
+                        return None         # the core ends here
+    finally:
+        reader.close()
+    return None
+
+
 def _ram_slots(core: Core, vm: Vm) -> list[tuple[int, int, int]]:
     """(gpa, size, userspace_addr) of the VM's as_id 0 memslots, by gpa."""
     slots = sorted((m["guest_phys_addr"], m["memory_size"], m["userspace_addr"])
                    for m in vm.memslots if m["as_id"] == 0 and m["memory_size"])
+    for gpa, size, uaddr in slots:
+        if size > MAX_SLOT_SIZE or gpa + size > MAX_GPA or uaddr + size > MAX_UADDR:
+            raise CorruptCoreError(
+                f"{core.path}: VM {vm.vm_index}: memslot at guest-physical {gpa:#x}, size "
+                f"{size:#x}, userspace {uaddr:#x} is beyond what KVM accepts (corrupt note)")
     if not slots:
         raise KvmnoteError(f"{core.path}: VM {vm.vm_index} has no memslots "
                            f"(no guest RAM to write)")
@@ -433,15 +450,17 @@ def _open_output(path: str, core_path: str, force: bool) -> int:
 def write_vmcore(core_path: str, out_path: str, *, vm_index: int | None = None,
                  cpu_map: dict[int, int] | None = None, vmcoreinfo: bytes | None = None,
                  allow_partial: bool = False, force: bool = False,
-                 progress: Progress | None = None) -> Result:
-    """Convert VMM core `core_path` into guest vmcore `out_path`; see the module doc."""
-    with open_core(core_path) as core:
+                 progress: Progress | None = None, name: str | None = None) -> Result:
+    """Convert VMM core `core_path` into guest vmcore `out_path`; see the module doc.
+    `name` names the core in messages instead of `core_path` (a copy of stdin)."""
+    with open_core(core_path, name=name) as core:
         vm = select_vm(core, vm_index)
         slots = _ram_slots(core, vm)
         if not vm.vcpus:
             raise KvmnoteError(f"{core.path}: VM {vm.vm_index} has no vCPU notes")
         cpus = assign_cpus(vm.vcpus, cpu_map)
         result = Result([(c, v.vcpu_id) for c, v in cpus], [(g, s) for g, s, _ in slots])
+        result.warnings += core.warnings
         cpu_notes = _cpu_notes(cpus, allow_partial, result)
         info_room = len(_note(S.VMCOREINFO_NOTE_NAME, 0,
                               vmcoreinfo if vmcoreinfo is not None else bytes(VMCOREINFO_MAX)))

@@ -1,16 +1,22 @@
 """Malformed notes and files: a clear KvmnoteError, never a crash or a hang."""
 
 import os
+import resource
+import struct
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
+import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import corebuilder as cb
 import kvmnote
-from kvmnote import schema as S
+from kvmnote import core as core_mod, report, schema as S, triage, vmcore
 from kvmnote.errors import CorruptNoteError, KvmnoteError, VersionError
 from kvmnote.notes import parse_desc
 
@@ -130,19 +136,26 @@ SMALL_CORE = _small_core()
 
 
 def _open_bytes(data: bytes) -> None:
-    """open_core on `data` in a temp file; only KvmnoteError may escape."""
-    fd, path = tempfile.mkstemp()
-    try:
-        os.write(fd, data)
-        os.close(fd)
-        with kvmnote.open_core(path) as core:
-            for vm in core.vms:
-                for base, size, _ in core.guest_ranges(core.vms.index(vm)):
-                    core.read_guest_phys(base, min(size, 64), core.vms.index(vm))
-    except KvmnoteError:
-        pass
-    finally:
-        os.unlink(path)
+    """open_core, the read report (JSON and text) and write_vmcore on `data` in a temp
+    file; only KvmnoteError may escape."""
+    with tempfile.TemporaryDirectory() as d:
+        path, out = os.path.join(d, "core"), os.path.join(d, "vmcore")
+        with open(path, "wb") as f:
+            f.write(data)
+        try:
+            with kvmnote.open_core(path) as core:
+                report.to_json(core, core.vcpus)
+                report.text(core, core.vcpus, True)
+                triage.triage(core)
+                for i, _ in enumerate(core.vms):
+                    for base, size, _ in core.guest_ranges(i):
+                        core.read_guest_phys(base, min(size, 64), i)
+        except KvmnoteError:
+            pass
+        try:
+            vmcore.write_vmcore(path, out, allow_partial=True)
+        except KvmnoteError:
+            pass
 
 
 @FUZZ
@@ -161,3 +174,68 @@ def test_fuzz_mutated_file(flips: list[tuple[int, int]]) -> None:
     for pos, val in flips:
         data[pos] = val
     _open_bytes(bytes(data))
+
+
+# 8-byte fields of the program headers and of the VM note (memslot sizes and addresses)
+# set to the values that overflowed before: sizes near 2^63, offsets of all ones.
+EXTREMES = [0, 1, 0xFFF, 1 << 52, (1 << 63) - 4096, 1 << 63, (1 << 64) - 4096, (1 << 64) - 1]
+FIELDS = [*range(64 // 8, 176 // 8),    # the two program headers
+          *range(SMALL_CORE.find(GOOD_VM) // 8, (SMALL_CORE.find(GOOD_VM) + len(GOOD_VM)) // 8)]
+
+
+@FUZZ
+@given(st.lists(st.tuples(st.sampled_from(FIELDS), st.sampled_from(EXTREMES)),
+                min_size=1, max_size=3))
+def test_fuzz_extreme_fields(sets: list[tuple[int, int]]) -> None:
+    data = bytearray(SMALL_CORE)
+    for slot, val in sets:
+        data[slot * 8:slot * 8 + 8] = val.to_bytes(8, "little")
+    _open_bytes(bytes(data))
+
+
+def _zero_note_core(path: Path, notes_size: int, compress: bool) -> None:
+    """An ELF core whose one PT_NOTE is `notes_size` zero bytes (zstd: in a small file)."""
+    ehdr = struct.pack("<16sHHIQQQIHHHHHH", b"\x7fELF\x02\x01\x01", 4, 62, 1, 0, 64, 0, 0,
+                       64, 56, 1, 64, 0, 0)
+    phdr = struct.pack("<IIQQQQQQ", 4, 0, 120, 0, 0, notes_size, 0, 0)
+    if not compress:
+        with open(path, "wb") as f:
+            f.write(ehdr + phdr)
+            f.truncate(120 + notes_size)          # sparse
+        return
+    z = zstandard.ZstdCompressor(level=1).compressobj()
+    zero = bytes(1 << 20)
+    with open(path, "wb") as f:
+        f.write(z.compress(ehdr + phdr))
+        for _ in range(notes_size >> 20):
+            f.write(z.compress(zero))
+        f.write(z.flush())
+
+
+def _read_limited(path: Path) -> tuple[int, str, float]:
+    """`kvmnote read` with 1 GiB of address space and 60 s: (status, stderr, seconds)."""
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+    t = time.monotonic()
+    p = subprocess.run([sys.executable, "-m", "kvmnote", "read", str(path)], text=True,
+                       capture_output=True, timeout=60, preexec_fn=limit)
+    return p.returncode, p.stderr, time.monotonic() - t
+
+
+def test_note_segment_size_cap(tmp_path: Path) -> None:
+    """A small zstd file holding a 1 GiB all-zero PT_NOTE is refused before it is read."""
+    _zero_note_core(tmp_path / "core.zst", 1 << 30, compress=True)
+    assert (tmp_path / "core.zst").stat().st_size < 64 << 10
+    rc, err, secs = _read_limited(tmp_path / "core.zst")
+    assert rc == 2 and "PT_NOTE of 1073741824 bytes" in err and err.count("\n") == 1, err
+    assert secs < 10
+
+
+def test_note_count_cap(tmp_path: Path) -> None:
+    """A PT_NOTE under the size cap but full of empty 12-byte notes stops at the count cap."""
+    size = 16 << 20
+    assert size < core_mod.MAX_NOTES and size // 12 > core_mod.MAX_NOTE_COUNT
+    _zero_note_core(tmp_path / "core", size, compress=False)
+    rc, err, secs = _read_limited(tmp_path / "core")
+    assert rc == 2 and f"more than {core_mod.MAX_NOTE_COUNT} notes" in err, err
+    assert err.count("\n") == 1 and secs < 10

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from kvmnote import schema
+from testlib import need
 
 REPO = Path(__file__).resolve().parents[2]
 HEADER = "arch/x86/include/uapi/asm/kvm_coredump.h"
@@ -45,8 +46,7 @@ def constants() -> dict[str, int]:
 
 @pytest.fixture(scope="module")
 def c_layout(tmp_path_factory) -> dict[str, int]:
-    if not shutil.which("cc"):
-        pytest.skip("no C compiler (apt-get install build-essential)")
+    need(shutil.which("cc") is not None, "a C compiler (apt-get install build-essential)")
     d = tmp_path_factory.mktemp("uapi")
     (d / "asm").mkdir()
     (d / "asm" / "kvm_coredump.h").write_text(header_from_series())

@@ -1,6 +1,7 @@
 """`kvmnote vmcore`: synthetic VMM cores in, guest vmcores out, checked with pyelftools and
 struct against the values the test put in (never against kvmnote's own parser)."""
 
+import json
 import os
 import shutil
 import struct
@@ -15,6 +16,7 @@ import zstandard
 from elftools.elf.elffile import ELFFile
 
 import corebuilder as cb
+from testlib import need
 from kvmnote import schema as S
 from kvmnote.cli import main
 
@@ -402,8 +404,8 @@ def test_no_memslots_and_no_notes(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert "no such file" in err and not (tmp_path / "v").exists()
 
 
-@pytest.mark.skipif(shutil.which("gdb") is None, reason="gdb not installed")
 def test_gdb_reads_registers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    need(shutil.which("gdb") is not None, "gdb (apt-get install gdb)")
     want = make_core(tmp_path / "core")
     assert run(capsys, str(tmp_path / "core"), "-o", str(tmp_path / "vmcore"),
                "--vmcoreinfo", str(_info_file(tmp_path)))[0] == 0
@@ -416,8 +418,8 @@ def test_gdb_reads_registers(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert f"rip            {r1['rip']:#x}" in out
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tiny tmpfs needs root")
 def test_disk_full_is_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    need(os.geteuid() == 0, "root (to mount a tiny tmpfs)")
     make_core(tmp_path / "core", ram={0: os.urandom(1 << 20), 1 << 32: os.urandom(2 << 20)})
     small = tmp_path / "small"
     small.mkdir()
@@ -492,3 +494,136 @@ def test_vmcoreinfo_scanner_only_page_aligned(page: int, shift: int, decoys: int
         assert scan.found == (base + at, text)
     else:
         assert scan.found is None
+
+
+@pytest.mark.parametrize("what", ["memslot size", "memslot gpa", "load offset", "load vaddr"])
+def test_impossible_sizes_are_one_line_errors(tmp_path: Path, what: str,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """Sizes and offsets near 2^63/2^64 (once OverflowError tracebacks): exit 2."""
+    slots = None
+    if what == "memslot size":
+        slots = [cb.memslot(0, 0, (1 << 63) - PAGE, UADDR)]
+    elif what == "memslot gpa":
+        slots = [cb.memslot(0, (1 << 64) - PAGE, PAGE, UADDR)]
+    make_core(tmp_path / "core", slots=slots)
+    if what.startswith("load"):
+        data = bytearray((tmp_path / "core").read_bytes())
+        field = 8 if what == "load offset" else 16         # p_offset, p_vaddr
+        struct.pack_into("<Q", data, 64 + 56 + field, (1 << 64) - 1)   # first PT_LOAD
+        (tmp_path / "core").write_bytes(data)
+    err = one_line_error(*run(capsys, str(tmp_path / "core"), "-o", str(tmp_path / "v")))
+    assert "corrupt" in err and not (tmp_path / "v").exists()
+
+
+def test_duplicate_notes_first_wins(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A duplicated VM note is not 'several VMs'; a duplicated vCPU note is one CPU, the
+    first note's, with a warning (the same choice as `kvmnote read`)."""
+    v0, v1 = vcpu(0), vcpu(1)
+    other = vcpu(1)
+    other["regs"]["rip"] = 0x1234
+    make_core(tmp_path / "core", vcpus=[v0, v1, other], nr_vms=2)
+    data = (tmp_path / "core").read_bytes()
+    first = data.find(b"KVM\0")     # make_core's second VM note has vm_index 1: make it 0
+    second = data.find(b"KVM\0", first + 4)
+    rec = second + 4 + 16 + 8       # desc, header, VM record header: vm_index
+    assert data[rec:rec + 4] == (1).to_bytes(4, "little")
+    (tmp_path / "core").write_bytes(data[:rec] + bytes(4) + data[rec + 4:])
+    rc, err = run(capsys, str(tmp_path / "core"), "-o", str(tmp_path / "v"),
+                  "--vmcoreinfo", str(_info_file(tmp_path)))
+    assert rc == 0
+    assert "second VM note with vm_index 0" in err and "second vCPU note for vcpu_id 1" in err
+    prs = [d for name, t, d in elf_notes(tmp_path / "v") if name == b"CORE" and t == 1]
+    assert len(prs) == 2
+    rip = 112 + USER_REGS.index("rip") * 8
+    assert struct.unpack_from("<Q", prs[1], rip)[0] == v1["regs"]["rip"]
+
+
+# --- Guest RAM left out on purpose (dump-guest-core=off) against a cut core -------------
+
+EXCLUDED_LINE = ("bytes of guest RAM excluded from the core by the VMM (MADV_DONTDUMP: QEMU "
+                 "-machine dump-guest-core=off, libvirt's default), written as zeros; future "
+                 "cores keep it with QEMU -machine dump-guest-core=on or libvirt "
+                 "<memory dumpCore='on'/>\n")
+
+
+def dontdump_core(path: Path) -> dict[str, Any]:
+    """What QEMU's dump-guest-core=off gives: the PT_LOADs of guest RAM are there, with
+    p_filesz 0 (MADV_DONTDUMP), the registers are all there."""
+    vcpus = [vcpu(0), vcpu(1)]
+    slots = [cb.memslot(0, 0, 1 << 20, UADDR), cb.memslot(1, 1 << 32, 4 << 20, UADDR + (1 << 30))]
+    vm = {"vm_index": 0, "vendor": 1, "nr_vcpus": 2, "vm_type": 0, "flags": 0, "pid": 4242}
+    notes = cb.prpsinfo(4242, "qemu-system-x86") + b"".join(
+        cb.prstatus(v["vcpu"]["tid"]) for v in vcpus)
+    notes += cb.kvm_note(S.NT_KVM_VM, S.build_desc(cb.vm_records(vm, slots)))
+    notes += b"".join(cb.kvm_note(S.NT_KVM_VCPU, S.build_desc(cb.vcpu_records(v)))
+                      for v in vcpus)
+    cb.write_core(path, notes, [cb.Load(0x400000, PAGE, PAGE, b"\x7fELF"),  # QEMU's own
+                                cb.Load(UADDR, 0, 1 << 20), cb.Load(UADDR + (1 << 30), 0, 4 << 20)])
+    return {"vcpus": vcpus}
+
+
+def test_dontdump_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    want = dontdump_core(tmp_path / "core")
+    rc, err = run(capsys, str(tmp_path / "core"), "-o", str(tmp_path / "v"),
+                  "--vmcoreinfo", str(_info_file(tmp_path)))
+    assert rc == 1 and err == f"kvmnote: {tmp_path / 'v'}: {5 << 20} {EXCLUDED_LINE}"
+    prs = [d for name, t, d in elf_notes(tmp_path / "v") if name == b"CORE" and t == 1]
+    rip = 112 + USER_REGS.index("rip") * 8
+    assert [struct.unpack_from("<Q", d, rip)[0] for d in prs] == \
+        [v["regs"]["rip"] for v in want["vcpus"]]
+    rc, err = run(capsys, str(tmp_path / "core"), "-o", str(tmp_path / "v"), "--force",
+                  "--allow-partial", "--vmcoreinfo", str(_info_file(tmp_path)))
+    assert rc == 0 and err.count("\n") == 1 and "dump-guest-core=on" in err
+
+
+def test_dontdump_in_read_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    dontdump_core(tmp_path / "core")
+    assert main(["read", str(tmp_path / "core")]) == 0
+    out = capsys.readouterr().out
+    assert ("  guest RAM: 0 bytes of 5.0 MiB in the core; 5.0 MiB excluded from the core by "
+            "the VMM (MADV_DONTDUMP: QEMU -machine dump-guest-core=off, libvirt's default); future "
+            "cores keep it with QEMU -machine dump-guest-core=on or libvirt "
+            "<memory dumpCore='on'/>; the vCPU registers are all there\n") in out
+    assert "cut off" not in out
+    assert main(["read", "--json", str(tmp_path / "core")]) == 0
+    ram = json.loads(capsys.readouterr().out)["vms"][0]["guest_ram"]
+    assert ram == {"size": 5 << 20, "dumped": 0, "excluded": 5 << 20, "unmapped": 0,
+                   "cut_off": 0}
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_cut_core_is_not_dontdump(tmp_path: Path, compressed: bool,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """A core cut short (RLIMIT_CORE; systemd-coredump's size limit, which then compresses
+    what it kept): every register is read, the missing ranges are listed, and nothing is
+    called excluded by the VMM."""
+    want = make_core(tmp_path / "core", ram={(1 << 32) + 0x3000: b"\x77" * PAGE})
+    with open(tmp_path / "core", "rb") as f:
+        last = [s for s in ELFFile(f).iter_segments() if s["p_type"] == "PT_LOAD"][-1]
+    cut = last["p_offset"] + 0x3000 + 8          # 8 bytes into the page at 4 GiB + 0x3000
+    os.truncate(tmp_path / "core", cut)
+    core = tmp_path / "core"
+    if compressed:
+        core = tmp_path / "core.zst"
+        core.write_bytes(zstandard.ZstdCompressor().compress((tmp_path / "core").read_bytes()))
+    assert main(["read", "--json", str(core)]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [int(v["regs"]["rip"], 16) for v in doc["vcpus"]] == \
+        [v["regs"]["rip"] for v in want["vcpus"]]
+    lost = (4 << 20) - 0x3000 - 8
+    ram = doc["vms"][0]["guest_ram"]
+    assert ram["excluded"] == 0 and ram["cut_off"] == (None if compressed else lost)
+    if not compressed:
+        assert main(["read", str(core)]) == 0
+        out = capsys.readouterr().out
+        assert f"{(lost / 2**20):.1f} MiB cut off (truncated core: RLIMIT_CORE, a full " \
+               f"disk, or systemd-coredump's size limits)" in out and "MADV" not in out
+    rc, err = run(capsys, str(core), "-o", str(tmp_path / "v"),
+                  "--vmcoreinfo", str(_info_file(tmp_path)))
+    first = (1 << 32) + 0x3000 + 8
+    if compressed:      # a compressed core is read by the page near its end
+        first, lost = first - 8, lost + 8
+    assert rc == 1 and f"missing {first:#x}-{first + lost - 1:#x} ({lost} bytes): cut off" in err
+    assert "excluded" not in err and "dump-guest-core" not in err
+    kept = b"" if compressed else b"\x77" * 8
+    assert guest_read(tmp_path / "v", (1 << 32) + 0x3000, 16) == kept + bytes(16 - len(kept))
