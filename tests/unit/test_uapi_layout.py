@@ -1,6 +1,7 @@
-"""The construct schema agrees with the kernel series' UAPI header.
+"""The construct schema agrees with the kernel series' UAPI headers.
 
-The header is taken from the patch that adds it (kpatch/*.patch), compiled
+The headers (linux/kvm_coredump.h, asm/kvm_coredump.h and the NT_KVM_* lines
+of linux/elf.h) are taken from the patches that add them (kpatch/*.patch), compiled
 into a small C program that prints sizeof/offsetof of every struct and field
 the schema knows and the value of every KVM_CORE_*/NT_KVM_* constant; the
 test compares those numbers with kvmnote.schema. Either side changing alone
@@ -19,15 +20,20 @@ from kvmnote import schema
 from testlib import need
 
 REPO = Path(__file__).resolve().parents[2]
-HEADER = "arch/x86/include/uapi/asm/kvm_coredump.h"
+HEADERS = {"linux/kvm_coredump.h": "include/uapi/linux/kvm_coredump.h",
+           "asm/kvm_coredump.h": "arch/x86/include/uapi/asm/kvm_coredump.h"}
+ELF_H = "include/uapi/linux/elf.h"
 
 
-def header_from_series() -> str:
-    """Return the text of the UAPI header as the series creates it."""
-    for patch in sorted((REPO / "kpatch").glob("0*.patch")):
-        lines = patch.read_text().splitlines()
+def _series() -> list[list[str]]:
+    return [p.read_text().splitlines() for p in sorted((REPO / "kpatch").glob("0*.patch"))]
+
+
+def created_by_series(path: str) -> str:
+    """Return the text of a file as the series creates it."""
+    for lines in _series():
         for i, line in enumerate(lines):
-            if line == f"+++ b/{HEADER}" and lines[i - 1] == "--- /dev/null":
+            if line == f"+++ b/{path}" and lines[i - 1] == "--- /dev/null":
                 hunk = lines[i + 2:]  # skip the @@ line
                 body = []
                 for h in hunk:
@@ -35,7 +41,27 @@ def header_from_series() -> str:
                         break
                     body.append(h[1:])
                 return "\n".join(body) + "\n"
-    raise AssertionError(f"no patch in kpatch/ creates {HEADER}")
+    raise AssertionError(f"no patch in kpatch/ creates {path}")
+
+
+def elf_note_types_from_series() -> str:
+    """The #define NT_KVM_* lines the series adds to linux/elf.h."""
+    out = []
+    for lines in _series():
+        in_elf = False
+        for line in lines:
+            if line.startswith("+++ b/"):
+                in_elf = line == f"+++ b/{ELF_H}"
+            elif in_elf and line.startswith("+#define NT_KVM_"):
+                out.append(line[1:])
+    assert out, f"no patch in kpatch/ adds NT_KVM_* to {ELF_H}"
+    return "\n".join(out) + "\n"
+
+
+def header_from_series() -> str:
+    """Every line of the series' UAPI that defines the note layout."""
+    return "".join(created_by_series(p) for p in HEADERS.values()) + \
+        elf_note_types_from_series()
 
 
 def constants() -> dict[str, int]:
@@ -48,10 +74,12 @@ def constants() -> dict[str, int]:
 def c_layout(tmp_path_factory) -> dict[str, int]:
     need(shutil.which("cc") is not None, "a C compiler (apt-get install build-essential)")
     d = tmp_path_factory.mktemp("uapi")
-    (d / "asm").mkdir()
-    (d / "asm" / "kvm_coredump.h").write_text(header_from_series())
+    for inc, path in HEADERS.items():
+        (d / inc).parent.mkdir(exist_ok=True)
+        (d / inc).write_text(created_by_series(path))
+    (d / "kvm_note_types.h").write_text(elf_note_types_from_series())
     out = ["#include <stddef.h>", "#include <stdio.h>", "#include <asm/kvm_coredump.h>",
-           "int main(void) {"]
+           '#include "kvm_note_types.h"', "int main(void) {"]
     for struct, info in schema.layout().items():
         out.append(f'printf("{struct} %zu\\n", sizeof(struct {struct}));')
         for field, off in info["fields"].items():
