@@ -4,7 +4,7 @@ import argparse
 import json
 import sys
 
-from . import report, vmcore
+from . import report, verify, vmcore
 from .core import open_core
 from .errors import KvmnoteError
 
@@ -96,6 +96,7 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--allow-partial", action="store_true", help="exit 0 even if guest RAM "
                    "is missing (truncated core) or a vCPU has no state (zero registers)")
     v.set_defaults(func=_vmcore)
+    verify.add_parser(sub)
     return p
 
 
