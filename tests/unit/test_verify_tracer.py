@@ -144,6 +144,8 @@ def test_hot_path_touches_only_per_cpu_maps() -> None:
     assert used == {"last_exit", "exit_counts", "drops"}
     assert all(kinds[m].startswith("PERCPU_") for m in used), kinds
     assert "bpf_get_current_comm" not in body and "perf_submit" not in body
+    # each insert that can fail (map full) is counted
+    assert body.count("lookup_or_try_init(") == body.count("count_drop();") == 2
 
 
 def test_args() -> None:
