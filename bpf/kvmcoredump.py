@@ -390,9 +390,14 @@ def main(argv=None):
 
     start = time.time()
     next_out, outputs, prev = start + (args.interval or 0), 0, None
-    stopped_by = None
+    next_comm, stopped_by = start, None
     while not stopped_by:
         b.perf_buffer_poll(timeout=100)
+        if time.time() >= next_comm:    # names, while the processes live
+            for k in b["last_exit"].keys():
+                if comms.get(k.tgid) is None:
+                    comms[k.tgid] = comm_of(k.tgid)
+            next_comm += 1
         if stop:
             stopped_by = stop[0]
         elif args.exit_on_dump and dumps and all(finished(p) for p in dumps):
