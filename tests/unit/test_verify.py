@@ -452,3 +452,27 @@ def test_unreadable_trace_file_is_one_line(capsys: pytest.CaptureFixture[str],
         rc = main(["verify", str(core), "--trace", str(path)])
         out, err = capsys.readouterr()
         assert rc == 2 and out == "" and err.startswith("kvmnote: ") and err.count("\n") == 1
+
+
+# --- a real traced crash -------------------------------------------------------------------
+
+TESTDATA = EXAMPLES.parent / "bpf" / "testdata"
+
+
+def test_real_trace_of_a_real_crash_verifies(capsys: pytest.CaptureFixture[str]) -> None:
+    # bpf/testdata: bpf/kvmcoredump.py's record of a test VMM crashing in the emulated SVM
+    # machine, and that VMM's core. The VMM's own report says which thread ran which vCPU
+    # and how each stopped; the verifier must agree with the tracer on every vCPU.
+    vmm = json.loads((TESTDATA / "svm-traced.vmm.json").read_text())
+    trace = str(TESTDATA / "svm-traced.trace.json")
+    rc = main(["verify", str(TESTDATA / "svm-traced.core.zst"), "--trace", trace])
+    out = capsys.readouterr().out
+    assert rc == 0 and out.rstrip().endswith("verify: OK"), out
+    for v in vmm["vcpus"]:
+        line = next(x for x in out.splitlines() if x.startswith(f"  vcpu {v['vcpu_id']} "))
+        assert f"thread {v['tid']} " in line
+        assert {"halted": "last exit svm 0x78 at 0x1000, note RIP 0x1001",
+                "spinning": "last exit svm 0x60 at 0x1103, note RIP 0x1103",
+                "never_ran": "never ran"}[v["kind"]] in line, line
+    rc = main(["verify", str(TESTDATA / "svm-untraced.core.zst"), "--trace", trace])
+    assert rc == 1 and "MISMATCH process: " in capsys.readouterr().out
