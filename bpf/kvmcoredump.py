@@ -89,8 +89,13 @@ struct dump_t {
     u32 pad;
 };
 
-BPF_PERCPU_HASH(last_exit, struct vkey_t, struct last_exit_t, MAX_VCPUS);
-BPF_PERCPU_HASH(exit_counts, struct rkey_t, u64, MAX_REASONS);
+// Not preallocated: a per-CPU entry costs its size times the number of CPUs, so
+// memory follows the threads traced, not the limits; only a key's first insert
+// allocates, and a failed one is counted as a drop.
+BPF_F_TABLE("percpu_hash", struct vkey_t, struct last_exit_t, last_exit, MAX_VCPUS,
+            BPF_F_NO_PREALLOC);
+BPF_F_TABLE("percpu_hash", struct rkey_t, u64, exit_counts, MAX_REASONS,
+            BPF_F_NO_PREALLOC);
 BPF_PERCPU_ARRAY(drops, u64, 1);
 BPF_HASH(tids, u32, u8, 1024);
 BPF_PERF_OUTPUT(dump_events);

@@ -141,6 +141,8 @@ def test_hot_path_touches_only_per_cpu_maps() -> None:
         used |= set(re.findall(r"(\w+)\.lookup\(",
                                text[text.index("count_drop(void)"):text.index("TRACEPOINT")]))
     kinds = {name: kind for kind, name in re.findall(r"BPF_(\w+)\((\w+),", text)}
+    kinds |= {name: kind.upper() for kind, name in
+              re.findall(r'BPF_F_TABLE\("(\w+)", [^,]+, [^,]+, (\w+),', text)}
     assert used == {"last_exit", "exit_counts", "drops"}
     assert all(kinds[m].startswith("PERCPU_") for m in used), kinds
     assert "bpf_get_current_comm" not in body and "perf_submit" not in body
