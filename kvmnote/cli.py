@@ -7,7 +7,7 @@ import os
 import signal
 import sys
 
-from . import report, sources, triage, vmcore
+from . import report, sources, triage, verify, vmcore
 from .core import EXCLUDED, open_core
 from .errors import KvmnoteError
 
@@ -198,6 +198,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--install", action="store_true", help=f"install, enable and start "
                    f"the {triage.UNIT} systemd unit (as root)")
     t.set_defaults(func=_triage)
+    verify.add_parser(sub)
     return p
 
 
