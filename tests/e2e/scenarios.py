@@ -68,7 +68,37 @@ MODULE_SPECS = [
     _s("unload", ["--nonkvm"], notes="none", pre=[RMMOD, "lsmod > /out/unload/lsmod.txt"]),
     _s("reload", ["--halt", "1"], kinds=[H], pre=[INSMOD]),
 ]
-BY_NAME = {s.name: s for s in SPECS + MODULE_SPECS}
+# Fault injection (debug kernel): every allocation made by the KVM core-dump
+# code (arch/x86/kvm/coredump.c, found through the stack-trace filter) fails
+# once the first SPACE bytes of them were granted.  The sweep reaches each
+# failure point: the dump's bookkeeping, the VM list, the note table, a VM's
+# memslots, a vCPU's note.
+FAULT_DIRS = "/sys/kernel/debug/failslab /sys/kernel/debug/fail_page_alloc"
+FAULT_PREAMBLE = [
+    "mount -t debugfs none /sys/kernel/debug",
+    "kc=$(grep -E ' [tT] kvm_core_' /proc/kallsyms | sort)",
+    "lo=$(echo \"$kc\" | head -1 | cut -d' ' -f1)",
+    "hi=$(echo \"$kc\" | tail -1 | cut -d' ' -f1)",
+    "end=$(grep -E ' [tT] ' /proc/kallsyms | sort | awk -v h=$hi '$1 > h {print $1; exit}')",
+    "echo \"fault range $lo-$end: $(echo \"$kc\" | wc -l) functions\" > /out/fault_range.txt",
+    f"for d in {FAULT_DIRS}; do echo 0x$lo > $d/require-start; echo 0x$end > $d/require-end;"
+    " echo 32 > $d/stacktrace-depth; echo N > $d/ignore-gfp-wait; echo -1 > $d/times;"
+    " echo 1 > $d/verbose; echo 0 > $d/probability; done",
+    "echo 0 > /sys/kernel/debug/fail_page_alloc/min-order",
+    "echo N > /sys/kernel/debug/fail_page_alloc/ignore-gfp-highmem",
+]
+FAULT_SPACES = (0, 100, 400, 1000, 3000, 6000, 12000, 40000)
+
+
+def _fault(space):
+    arm = f"for d in {FAULT_DIRS}; do echo {space} > $d/space; echo 100 > $d/probability; done"
+    disarm = f"for d in {FAULT_DIRS}; do echo 0 > $d/probability; done"
+    return _s(f"fault{space}", ["--halt", "2", "--dup"], kinds=[H, H], notes="fault",
+              pre=[arm], post=[disarm])
+
+
+FAULT_SPECS = [_fault(n) for n in FAULT_SPACES]
+BY_NAME = {s.name: s for s in SPECS + MODULE_SPECS + FAULT_SPECS}
 
 # On the unpatched kernel: enough to show "no KVM notes" and to get the
 # reference note list of a non-KVM process.
