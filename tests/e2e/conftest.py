@@ -114,6 +114,17 @@ def kvmnote_read(core_path: Path):
     return p.returncode, data, p.stderr + p.stdout
 
 
+def _normalise(obj):
+    """kvmnote-read/2 writes 64-bit fields as "0x..." strings: back to ints."""
+    if isinstance(obj, dict):
+        return {k: _normalise(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_normalise(v) for v in obj]
+    if isinstance(obj, str) and obj.startswith("0x") and all(c in "0123456789abcdef" for c in obj[2:]):
+        return int(obj, 16)
+    return obj
+
+
 def decoded_notes(core_path: Path) -> tuple[dict, str]:
     """KVM notes as the kvmnote-read/1 JSON, from `kvmnote read --json`."""
     r = kvmnote_read(core_path)
@@ -121,5 +132,6 @@ def decoded_notes(core_path: Path) -> tuple[dict, str]:
         need(False, "the kvmnote package (pip install -e .)")
     rc, data, text = r
     assert rc == 0, f"kvmnote read --json {core_path} failed (rc {rc}):\n{text[-3000:]}"
-    assert data.get("schema") == "kvmnote-read/1", data.get("schema")
+    assert data.get("schema") in ("kvmnote-read/1", "kvmnote-read/2"), data.get("schema")
+    data = _normalise(data)
     return data, "kvmnote"
