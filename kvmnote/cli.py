@@ -4,7 +4,7 @@ import argparse
 import json
 import sys
 
-from . import report, vmcore
+from . import kdump, report, vmcore
 from .core import open_core
 from .errors import KvmnoteError
 
@@ -22,6 +22,15 @@ VMCORE_EPILOG = """examples:
   kvmnote vmcore core.qemu.1234.zst -o guest.vmcore   # systemd-coredump's compressed core
   kvmnote vmcore --cpu-map 0=0,2=1 core -o guest.vmcore
   kvmnote vmcore --allow-partial truncated.core -o guest.vmcore
+  kvmnote vmcore --format kdump core.qemu.1234 -o guest.kdump  # makedumpfile's format, zstd
+  kvmnote vmcore --format kdump --compress lzo core -o guest.kdump
+
+Formats: elf (QEMU's dump-guest-memory layout; a sparse file as large as guest RAM) or
+kdump (makedumpfile's kdump-compressed format: each non-zero page compressed, zero pages
+left out as makedumpfile -d 1 does; crash and drgn read it). --dump-level 0 keeps the zero
+pages (they all share one stored page); levels that also drop cache, user or free pages
+(makedumpfile -d 2..31) need the guest's mem_map and are refused: filter the output with
+makedumpfile instead (docs/vmcore.md).
 
 Guest CPU numbers: KVM's vcpu_id is the VMM's choice (QEMU: the APIC ID), and Linux
 numbers CPUs in the order the firmware tables (MADT, MP table) list them, which QEMU emits
@@ -53,9 +62,18 @@ def _vmcore(args: argparse.Namespace) -> int:
     """`kvmnote vmcore`: write a guest vmcore from a VMM core."""
     info = vmcore.read_vmcoreinfo_file(args.vmcoreinfo) if args.vmcoreinfo else None
     cpu_map = vmcore.parse_cpu_map(args.cpu_map) if args.cpu_map is not None else None
-    res = vmcore.write_vmcore(args.core, args.output, vm_index=args.vm, cpu_map=cpu_map,
-                              vmcoreinfo=info, allow_partial=args.allow_partial,
-                              force=args.force, progress=vmcore.tty_progress(sys.stderr))
+    common = dict(vm_index=args.vm, cpu_map=cpu_map, vmcoreinfo=info,
+                  allow_partial=args.allow_partial, force=args.force,
+                  progress=vmcore.tty_progress(sys.stderr))
+    if args.format == "kdump":
+        res = kdump.write_kdump(args.core, args.output, compression=args.compress or
+                                kdump.DEFAULT_COMPRESSION, dump_level=args.dump_level
+                                if args.dump_level is not None else 1, **common)
+    elif args.compress or args.dump_level is not None:
+        raise KvmnoteError("--compress and --dump-level need --format kdump (the ELF "
+                           "output leaves zero pages out as holes and compresses nothing)")
+    else:
+        res = vmcore.write_vmcore(args.core, args.output, **common)
     for w in res.warnings:
         print(f"kvmnote: warning: {w}", file=sys.stderr)
     if res.missing:
@@ -95,6 +113,12 @@ def parser() -> argparse.ArgumentParser:
                    "instead of finding it in guest RAM")
     v.add_argument("--allow-partial", action="store_true", help="exit 0 even if guest RAM "
                    "is missing (truncated core) or a vCPU has no state (zero registers)")
+    v.add_argument("--format", choices=("elf", "kdump"), default="elf", help="elf (default, "
+                   "as QEMU's dump-guest-memory) or kdump (makedumpfile's compressed format)")
+    v.add_argument("--compress", metavar="ALGO", help="kdump page compression: zstd "
+                   "(default), lzo, snappy or zlib")
+    v.add_argument("-d", "--dump-level", type=int, metavar="N", help="kdump: makedumpfile's "
+                   "dump level; 1 (default) leaves out zero pages, 0 keeps them")
     v.set_defaults(func=_vmcore)
     return p
 
