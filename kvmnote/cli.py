@@ -28,9 +28,10 @@ VMCORE_EPILOG = """examples:
 Formats: elf (QEMU's dump-guest-memory layout; a sparse file as large as guest RAM) or
 kdump (makedumpfile's kdump-compressed format: each non-zero page compressed, zero pages
 left out as makedumpfile -d 1 does; crash and drgn read it). --dump-level 0 keeps the zero
-pages (they all share one stored page); levels that also drop cache, user or free pages
-(makedumpfile -d 2..31) need the guest's mem_map and are refused: filter the output with
-makedumpfile instead (docs/vmcore.md).
+pages (they all share one stored page). Levels that also leave out cache, user or free
+pages (makedumpfile -d 2..31) need the guest's mem_map: kvmnote writes its ELF vmcore beside
+VMCORE and runs makedumpfile on it, refusing a compression makedumpfile was built without
+and a guest kernel newer than makedumpfile knows (docs/vmcore.md).
 
 Guest CPU numbers: KVM's vcpu_id is the VMM's choice (QEMU: the APIC ID), and Linux
 numbers CPUs in the order the firmware tables (MADT, MP table) list them, which QEMU emits
@@ -118,7 +119,8 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--compress", metavar="ALGO", help="kdump page compression: zstd "
                    "(default), lzo, snappy or zlib")
     v.add_argument("-d", "--dump-level", type=int, metavar="N", help="kdump: makedumpfile's "
-                   "dump level; 1 (default) leaves out zero pages, 0 keeps them")
+                   "dump level: 1 (default) leaves out zero pages, 0 keeps them, 2..31 through "
+                   "makedumpfile")
     v.set_defaults(func=_vmcore)
     return p
 

@@ -21,7 +21,9 @@ import ctypes
 import ctypes.util
 import itertools
 import os
+import shutil
 import struct
+import subprocess
 import threading
 import time
 import zlib
@@ -121,16 +123,47 @@ def check_compression(name: str) -> None:
         _load(name)
 
 
-def check_dump_level(level: int) -> None:
-    """kvmnote's kdump writer excludes zero pages (-d 1); anything else is refused."""
+MAKEDUMPFILE_FLAG = {"zlib": "-c", "lzo": "-l", "snappy": "-p", "zstd": "-z"}
+
+
+def check_dump_level(level: int, compression: str) -> str | None:
+    """None when kvmnote writes `level` itself (0, 1); else the makedumpfile to filter with
+    (levels with cache, user or free pages need the guest's mem_map, which makedumpfile
+    reads), or a refusal."""
     if not 0 <= level <= 31:
         raise KvmnoteError(f"--dump-level {level}: must be 0 to 31 (makedumpfile -d)")
     other = [n for b, n in DUMP_LEVEL_BITS.items() if level & b and b != 1]
-    if other:
-        raise KvmnoteError(
-            f"--dump-level {level}: excluding {', '.join(other)} pages needs the guest's "
-            f"mem_map, which kvmnote does not read; write with --dump-level 1 and filter "
-            f"with makedumpfile (see docs/vmcore.md)")
+    if not other:
+        return None
+    what = f"--dump-level {level} (leaving out {', '.join(other)} pages)"
+    exe = shutil.which("makedumpfile")
+    if exe is None:
+        raise KvmnoteError(f"{what} reads the guest's mem_map through makedumpfile, which "
+                           f"is not installed (Debian: apt-get install makedumpfile)")
+    if compression != "zlib":
+        try:
+            caps = subprocess.run([exe, "-v"], capture_output=True, text=True).stdout
+        except OSError as e:
+            raise KvmnoteError(f"{exe}: cannot run: {e.strerror}") from None
+        if f"{compression}\tenabled" not in caps:
+            raise KvmnoteError(f"{what}: this makedumpfile was built without {compression} "
+                               f"(makedumpfile -v); choose --compress zlib"
+                               + (" or lzo" if "lzo\tenabled" in caps else ""))
+    return exe
+
+
+def _filter(exe: str, elf: str, out: str, level: int, compression: str) -> None:
+    """makedumpfile -d `level` from our ELF vmcore; refuse a guest kernel it does not know."""
+    cmd = [exe, MAKEDUMPFILE_FLAG[compression], "-d", str(level), elf, out]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    said = (p.stdout + p.stderr).strip()
+    if "kernel version is not supported" in said:
+        raise KvmnoteError(f"--dump-level {level}: makedumpfile ({exe}) does not know this "
+                           f"guest's kernel version, so cannot filter it safely; use "
+                           f"--dump-level 1, or a newer makedumpfile")
+    if p.returncode != 0:
+        last = [ln for ln in said.splitlines() if ln.strip()][-3:]
+        raise KvmnoteError(f"--dump-level {level}: makedumpfile failed: {' / '.join(last)}")
 
 
 def _zero_pages(data: bytes | bytearray) -> list[int]:
@@ -239,7 +272,11 @@ def write_kdump(core_path: str, out_path: str, *, vm_index: int | None = None,
                 dump_level: int = 1, jobs: int | None = None) -> V.Result:
     """Convert VMM core `core_path` into a kdump-compressed guest vmcore `out_path`."""
     check_compression(compression)
-    check_dump_level(dump_level)
+    makedumpfile = check_dump_level(dump_level, compression)
+    if makedumpfile is not None:
+        return _write_filtered(makedumpfile, core_path, out_path, dump_level, compression,
+                               vm_index=vm_index, cpu_map=cpu_map, vmcoreinfo=vmcoreinfo,
+                               allow_partial=allow_partial, force=force, progress=progress)
     with open_core(core_path) as core:
         vm = V.select_vm(core, vm_index)
         slots = V._ram_slots(core, vm)
@@ -307,6 +344,27 @@ def write_kdump(core_path: str, out_path: str, *, vm_index: int | None = None,
             os.close(fd)
             if not done:
                 os.unlink(out_path)
+    return result
+
+
+def _write_filtered(exe: str, core_path: str, out_path: str, level: int, compression: str,
+                    **elf_args) -> V.Result:
+    """Our ELF vmcore beside the output, then makedumpfile -d `level` into the output."""
+    force = elf_args["force"]
+    os.close(V._open_output(out_path, core_path, force))      # the same refusals as ever
+    elf = f"{out_path}.kvmnote-elf"
+    done = False
+    try:
+        result = V.write_vmcore(core_path, elf, **{**elf_args, "force": True})
+        os.unlink(out_path)                                    # makedumpfile creates it
+        _filter(exe, elf, out_path, level, compression)
+        done = True
+    finally:
+        for path in (elf,) if done else (elf, out_path):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
     return result
 
 
