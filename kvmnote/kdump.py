@@ -211,6 +211,14 @@ class _Bitmap:
         """Set `count` bits from `pfn`, except those at pfn + i for i in `clear`."""
         if count <= 0:
             return
+        if not clear and count > 64:     # a long run (a whole RAM slot): whole bytes
+            head = min(count, -pfn % 8)
+            self.set_run(pfn, head)
+            full = (count - head) // 8
+            a = (pfn + head) // 8
+            self.bits[a:a + full] = b"\xff" * full
+            self.set_run(pfn + head + 8 * full, count - head - 8 * full)
+            return
         mask = bytearray(b"1" * count)
         for i in clear or ():
             mask[i] = 0x30
@@ -297,9 +305,13 @@ def write_kdump(core_path: str, out_path: str, *, vm_index: int | None = None,
         done = False
         try:
             scan = V.VmcoreinfoScanner() if vmcoreinfo is None else None
-            valid, dumped = _Bitmap(max_pfn), _Bitmap(max_pfn)
+            bitmap_off = (1 + sub_blocks) * PAGE
+            valid = _Bitmap(max_pfn)
             for gpa, size, _ in slots:
                 valid.set_run(gpa // PAGE, -(-size // PAGE))
+            os.pwrite(fd, valid.bits, bitmap_off)
+            del valid
+            dumped = _Bitmap(max_pfn)     # 1 bit per guest page: 32 MiB for 1 TiB
             out = _Out(fd, desc_off, data_off)
             if not dump_level & 1:       # zero pages: all point to one raw zero page
                 out.zero = out.data
@@ -333,9 +345,7 @@ def write_kdump(core_path: str, out_path: str, *, vm_index: int | None = None,
                 COMPRESSIONS[compression], PAGE, sub_blocks, 2 * bitmap_bytes // PAGE,
                 min(max_pfn, 2**32 - 1), 0, 0, 0, 0, len(cpus))
             os.pwrite(fd, head.ljust(PAGE, b"\0") + sub + notes, 0)
-            bitmaps = bytes(valid.bits).ljust(bitmap_bytes, b"\0") \
-                + bytes(dumped.bits).ljust(bitmap_bytes, b"\0")
-            os.pwrite(fd, bitmaps, (1 + sub_blocks) * PAGE)
+            os.pwrite(fd, dumped.bits, bitmap_off + bitmap_bytes)   # the rest: a hole
             os.ftruncate(fd, max(out.data, data_off))
             done = True
         except OSError as e:    # ENOSPC, EIO, EFBIG...

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 import zstandard
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from elftools.elf.elffile import ELFFile
 
 import test_vmcore as T
@@ -295,3 +297,15 @@ def test_mem_map_levels_makedumpfile_failure(tmp_path: Path,
                                   "--format", "kdump", "-d", "31", "--compress", "zlib"))
     assert "makedumpfile failed" in err and "system_utsname" in err
     assert list(tmp_path.iterdir()) == [tmp_path / "core"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 4000), st.integers(0, 3000), st.sets(st.integers(0, 2999), max_size=20))
+def test_bitmap_runs(pfn: int, count: int, clear: set[int]) -> None:
+    """The bitmap against a bit-by-bit model: LSB first, runs long and short, holes."""
+    from kvmnote.kdump import _Bitmap
+    clear = sorted(i for i in clear if i < count)
+    bm = _Bitmap(8000)
+    bm.set_run(pfn, count, clear)
+    want = [pfn <= p < pfn + count and p - pfn not in clear for p in range(8000)]
+    assert [Kdump.bit(bm.bits, p) for p in range(8000)] == want
