@@ -239,7 +239,8 @@ def _vmcoreinfo_value(info: bytes | None, key: str) -> str | None:
 
 
 def _number(text: str | None) -> int:
-    """A VMCOREINFO NUMBER() (decimal, as the kernel prints it); 0 if absent or bad."""
+    """A VMCOREINFO NUMBER() (decimal, as the kernel prints it with %ld: phys_base is
+    negative when KASLR loads the kernel below its link address); 0 if absent or bad."""
     try:
         return int(text or "0")
     except ValueError:
@@ -336,7 +337,7 @@ def write_kdump(core_path: str, out_path: str, *, vm_index: int | None = None,
             info_off = note_off + len(cpu_notes) + 12 + V.S.align(
                 len(V.S.VMCOREINFO_NOTE_NAME) + 1, 4)     # the desc of the VMCOREINFO note
             sub = KDUMP_SUB_HEADER.pack(
-                phys_base, dump_level, 0, 0, min(max_pfn, 2**32 - 1),
+                phys_base & (1 << 64) - 1, dump_level, 0, 0, min(max_pfn, 2**32 - 1),
                 info_off if info else 0, len(info) if info else 0, note_off, len(notes),
                 0, 0, 0, max_pfn, max_pfn)
             mtime = int(os.stat(core_path).st_mtime)
