@@ -26,7 +26,6 @@ import struct
 import subprocess
 import threading
 import time
-import zlib
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -67,7 +66,7 @@ class _Codec:
         self.name = name
         if name == "zstd":
             self.zstd = zstandard.ZstdCompressor(level=1)     # makedumpfile's level
-        elif name in ("lzo", "snappy"):
+        else:
             self.lib = _load(name)
             self.out = ctypes.create_string_buffer(2 * PAGE)
             self.size = ctypes.c_size_t()
@@ -81,22 +80,29 @@ class _Codec:
             out = self.zstd.multi_compress_to_buffer(
                 zstandard.BufferWithSegments(bytes(data), segs.tobytes()), threads=1)
             return [out[i] for i in range(len(out))]
-        view = memoryview(data)
-        if self.name == "zlib":
-            return [zlib.compress(view[i * PAGE:(i + 1) * PAGE], 1) for i in keep]
         pinned = (ctypes.c_char * len(data)).from_buffer(data)
         base = ctypes.addressof(pinned)
-        out, size, res = self.out, self.size, []
-        for i in keep:
-            size.value = len(out)
-            if self.name == "lzo":
-                rc = self.lib.lzo1x_1_compress(ctypes.c_void_p(base + i * PAGE), PAGE, out,
-                                               ctypes.byref(size), self.wrk)
-            else:
-                rc = self.lib.snappy_compress(ctypes.c_void_p(base + i * PAGE), PAGE, out,
-                                              ctypes.byref(size))
-            # A failure makes it longer than a page: the caller then stores the page raw.
-            res.append(out.raw[:size.value] if rc == 0 else ZERO_PAGE + b"x")
+        out, size = ctypes.addressof(self.out), self.size
+        psize, room, string_at = ctypes.addressof(size), len(self.out), ctypes.string_at
+        res = []
+        if self.name == "lzo":
+            fn, wrk = self.lib.lzo1x_1_compress, ctypes.addressof(self.wrk)
+            for i in keep:
+                rc = fn(base + i * PAGE, PAGE, out, psize, wrk)
+                # A failure makes it longer than a page: the caller then stores it raw.
+                res.append(string_at(out, size.value) if rc == 0 else ZERO_PAGE + b"x")
+        elif self.name == "zlib":        # compress2(dst, &dst_len, src, len, level)
+            fn = self.lib.compress2
+            for i in keep:
+                size.value = room
+                rc = fn(out, psize, base + i * PAGE, PAGE, 1)     # makedumpfile's level
+                res.append(string_at(out, size.value) if rc == 0 else ZERO_PAGE + b"x")
+        else:
+            fn = self.lib.snappy_compress
+            for i in keep:
+                size.value = room
+                rc = fn(base + i * PAGE, PAGE, out, psize)
+                res.append(string_at(out, size.value) if rc == 0 else ZERO_PAGE + b"x")
         del pinned
         return res
 
@@ -104,17 +110,31 @@ class _Codec:
 _LIBS: dict[str, ctypes.CDLL] = {}
 
 
+# Per-page compressors of the system's libraries (as crash and makedumpfile use), called
+# through ctypes, which releases the GIL during each call: (soname, function, argtypes).
+_CFUNCS = {
+    "lzo": ("lzo2", "lzo1x_1_compress", [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p,
+                                         ctypes.c_void_p, ctypes.c_void_p]),
+    "snappy": ("snappy", "snappy_compress", [ctypes.c_void_p, ctypes.c_size_t,
+                                             ctypes.c_void_p, ctypes.c_void_p]),
+    "zlib": ("z", "compress2", [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                ctypes.c_ulong, ctypes.c_int]),
+}
+_PACKAGES = {"lzo": "liblzo2-2", "snappy": "libsnappy1v5", "zlib": "zlib1g"}
+
+
 def _load(name: str) -> ctypes.CDLL:
-    """liblzo2 or libsnappy (the system's, as crash and makedumpfile use)."""
+    """liblzo2, libsnappy or libz, with the argument types of its compressor."""
     if name not in _LIBS:
-        soname = ctypes.util.find_library("lzo2" if name == "lzo" else "snappy")
+        soname, func, argtypes = _CFUNCS[name]
         try:
-            _LIBS[name] = ctypes.CDLL(soname or "")
-            getattr(_LIBS[name], "lzo1x_1_compress" if name == "lzo" else "snappy_compress")
+            lib = ctypes.CDLL(ctypes.util.find_library(soname) or "")
+            fn = getattr(lib, func)
         except (OSError, AttributeError):
-            pkg = "liblzo2-2" if name == "lzo" else "libsnappy1v5"
             raise KvmnoteError(f"--compress {name} needs the {name} library "
-                               f"(Debian: apt-get install {pkg})") from None
+                               f"(Debian: apt-get install {_PACKAGES[name]})") from None
+        fn.argtypes, fn.restype = argtypes, ctypes.c_int
+        _LIBS[name] = lib
     return _LIBS[name]
 
 
@@ -122,7 +142,7 @@ def check_compression(name: str) -> None:
     """Refuse an unknown or unavailable compression before anything is written."""
     if name not in COMPRESSIONS:
         raise KvmnoteError(f"--compress {name}: not one of {', '.join(COMPRESSIONS)}")
-    if name in ("lzo", "snappy"):
+    if name in _CFUNCS:
         _load(name)
 
 

@@ -1,25 +1,24 @@
-"""`kvmnote vmcore` on a written 4 GiB guest: the ELF output against `cp --sparse=always`,
-the kdump output against Debian's makedumpfile (same dump level and compression, from our
-ELF output) and against QEMU's own dump-guest-memory kdump formats; sizes, times, peak RSS.
+"""`kvmnote vmcore` on a written guest of >= 4 GiB: the ELF output against
+`cp --sparse=always`, the kdump output against Debian's makedumpfile (same dump level and
+compression, from our ELF output) and against QEMU's own dump-guest-memory kdump formats;
+sizes, times, peak RSS. Prints figures, asserts nothing.
 
-Run: python tests/bench/bench_kdump.py [GIB] [REAL_CORE]   (prints figures, asserts nothing)
+    python tests/bench/tcg_guest.py DIR 4.5 && python tests/bench/bench_kdump.py DIR
+    python tests/bench/bench_kdump.py --synthetic [GIB]
 
-The guest RAM (default 4 GiB, QEMU's pc layout: 3 GiB below 4 GiB, the rest above) is
-"mostly written with realistic content", 2 MiB regions chosen at random (seeded):
- - 45% page cache: the bytes of real files under /usr (page-aligned, tails zero-filled);
- - 35% anonymous memory: half random bytes (compressed or encrypted data), half heap-like
-   pages (kernel direct-map pointers, small integers and short strings);
- - 20% free (zero) pages.
-makedumpfile needs a real kernel in that RAM (it reads init_uts_ns, page tables, ...): with
-REAL_CORE (a VMM core written by the patched kernel, e.g. the acceptance tier's
-paused.core), the guest's RAM in that core is copied to the start of the image, so the first
-MiBs are a real Linux guest (kernel, VMCOREINFO) and the rest is the content above; without
-it the makedumpfile comparison is skipped (and said so).
+DIR (tcg_guest.py): a real Linux guest booted under QEMU TCG, its RAM written with real
+files, random data and an awk heap, dumped by QEMU (its kdump formats timed there) and
+wrapped as a VMM core. makedumpfile needs such a real kernel: it takes the RAM it filters
+from the guest kernel's own memory map.
 
-Every command runs once, after a sync, with the core in the page cache; ratios are of runs
-in this same process. QEMU 7.2 maps the RAM image as its guest's memory
-(memory-backend-file, share=off) and dumps it paused (-S, TCG) over QMP: the time is the
-dump-guest-memory command's alone.
+--synthetic: no kernel, so no makedumpfile; guest RAM (QEMU's pc layout: 3 GiB below 4 GiB,
+the rest above) in 2 MiB regions chosen at random (seeded): 45% real files from /usr
+(page-aligned, as a page cache), 17.5% random bytes, 17.5% heap-like words (direct-map
+pointers, small integers, strings), 20% zero; QEMU 7.2 then maps the same image as its
+paused guest's memory (memory-backend-file) and dumps it.
+
+Every command runs once, after a sync, with its input in the page cache; the ratios are of
+runs in this one process (this machine is shared: absolute times vary).
 """
 
 import array
@@ -37,7 +36,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
 
 import corebuilder as cb  # noqa: E402
 from kvmnote import schema as S  # noqa: E402
-from kvmnote.core import open_core  # noqa: E402
 
 MIB, GIB, PAGE = 1 << 20, 1 << 30, 4096
 REGION = 2 * MIB
@@ -83,25 +81,15 @@ def heap_region(rng: random.Random) -> bytes:
     return words.tobytes()
 
 
-def make_ram(path: Path, size: int, real: Path | None) -> tuple[int, int]:
-    """The RAM image; returns (bytes from the real core, seconds)."""
+def make_ram(path: Path, size: int) -> float:
+    """The synthetic RAM image; returns the seconds it took."""
     rng = random.Random(13)
     files = file_pages()
     heaps = [heap_region(rng) for _ in range(16)]
     t = time.perf_counter()
-    real_len = 0
     with open(path, "wb") as f:
         f.truncate(size)
-        if real:
-            with open_core(str(real)) as core:
-                for gpa, n, _ in core.guest_ranges(core.vms[0].vm_index):
-                    if gpa + n <= LOW:
-                        f.seek(gpa)
-                        for off in range(0, n, REGION):
-                            f.write(core.read_guest_phys(gpa + off, min(REGION, n - off)))
-                        real_len = max(real_len, gpa + n)
-        start = (real_len + REGION - 1) // REGION * REGION
-        for off in range(start, size, REGION):
+        for off in range(0, size, REGION):
             kind = rng.random()
             if kind < 0.45:
                 data = next(files)
@@ -113,7 +101,7 @@ def make_ram(path: Path, size: int, real: Path | None) -> tuple[int, int]:
                 continue                      # free memory: zeros (a hole)
             f.seek(off)
             f.write(data)
-    return real_len, time.perf_counter() - t
+    return time.perf_counter() - t
 
 
 def make_core(core: Path, ram: Path, size: int) -> None:
@@ -152,15 +140,15 @@ sys.exit(rc)
 """
 
 
-def timed(cmd: list[str]) -> tuple[float, str]:
-    """Wall time and stdout of a command, after a sync."""
+def timed(cmd: list[str]) -> tuple[float, str, str]:
+    """Wall time, stdout and stderr of a command, after a sync."""
     os.sync()
     t = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True)
     dt = time.perf_counter() - t
     if p.returncode:
         raise SystemExit(f"failed ({p.returncode}): {' '.join(cmd)}\n{p.stderr[-1000:]}")
-    return dt, p.stdout
+    return dt, p.stdout, p.stderr
 
 
 def sizes(path: Path) -> str:
@@ -174,7 +162,8 @@ def disk(path: Path) -> int:
 
 def kvmnote(core: Path, out: Path, *args: str) -> tuple[float, int]:
     out.unlink(missing_ok=True)
-    dt, hwm = timed([sys.executable, "-c", KVMNOTE, "vmcore", str(core), "-o", str(out), *args])
+    dt, hwm, _ = timed([sys.executable, "-c", KVMNOTE, "vmcore", str(core), "-o", str(out),
+                        *args])
     return dt, int(hwm.split()[-1])
 
 
@@ -215,46 +204,86 @@ def qemu_dump(ram: Path, size: int, out: Path, fmt: str) -> float | None:
         q.wait()
 
 
+def compare(d: Path, core: Path, size: int, makedumpfile: bool) -> dict:
+    """ELF against cp, kdump in each compression, makedumpfile; returns our kdump figures."""
+    elf = d / "guest.elf"
+    subprocess.run(["cat", str(core)], stdout=subprocess.DEVNULL, check=True)  # cache it
+    (d / "cp").unlink(missing_ok=True)
+    t_cp, _, _ = timed(["cp", "--sparse=always", str(core), str(d / "cp")])
+    (d / "cp").unlink()
+    t_elf, hwm = kvmnote(core, elf)
+    print(f"ELF: kvmnote {t_elf:.1f} s (peak RSS {hwm / MIB:.0f} MiB), cp --sparse=always "
+          f"{t_cp:.1f} s: ratio (cp time / kvmnote time) {t_cp / t_elf:.2f}; {sizes(elf)}")
+    ours = {}
+    for algo in ("zstd", "lzo", "snappy", "zlib"):
+        out = d / f"kdump.{algo}"
+        dt, hwm = kvmnote(core, out, "--format", "kdump", "--compress", algo)
+        ours[algo] = (dt, disk(out), out.stat().st_size)
+        print(f"kdump -d 1 {algo:6}: kvmnote {dt:.1f} s ({size / MIB / dt:.0f} MiB/s of "
+              f"guest RAM), peak RSS {hwm / MIB:.0f} MiB, {sizes(out)}")
+        out.unlink()
+    if makedumpfile and shutil.which("makedumpfile"):
+        for algo, flag in (("lzo", "-l"), ("zlib", "-c")):
+            out = d / f"makedumpfile.{algo}"
+            out.unlink(missing_ok=True)
+            dt, _, _ = timed(["makedumpfile", flag, "-d", "1", str(elf), str(out)])
+            t_k, s_k, a_k = ours[algo]
+            print(f"makedumpfile {flag} -d 1 ({algo}) from our ELF: {dt:.1f} s, {sizes(out)}; "
+                  f"kvmnote from the core: {dt / t_k:.2f}x as fast (makedumpfile time / "
+                  f"ours), {t_elf + dt:.1f} s for kvmnote ELF + makedumpfile; our size "
+                  f"{s_k / disk(out):.3f}x on disk, {a_k / out.stat().st_size:.3f}x apparent")
+            out.unlink()
+        out = d / "makedumpfile.31"
+        out.unlink(missing_ok=True)
+        dt, said, err = timed(["makedumpfile", "-l", "-d", "31", str(elf), str(out)])
+        print(f"makedumpfile -l -d 31 from our ELF: {dt:.1f} s, {sizes(out)}"
+              + (" (it warns: kernel version not supported)" if "not supported" in said + err
+                 else ""))
+        out.unlink()
+    else:
+        print("makedumpfile: not compared (it needs a real guest kernel: use tcg_guest.py)")
+    elf.unlink()
+    return ours
+
+
 def main() -> None:
-    gib = int(sys.argv[1]) if len(sys.argv) > 1 else 4
-    real = Path(sys.argv[2]) if len(sys.argv) > 2 else None
+    if sys.argv[1:2] == ["--synthetic"]:
+        synthetic(int(sys.argv[2]) if len(sys.argv) > 2 else 4)
+        return
+    d = Path(sys.argv[1])
+    times = json.loads((d / "times.json").read_text())
+    core = d / "core"
+    with open(core, "rb") as f:       # guest RAM = the VMM core's PT_LOADs
+        from elftools.elf.elffile import ELFFile
+        size = sum(s["p_filesz"] for s in ELFFile(f).iter_segments() if s["p_type"] == "PT_LOAD")
+    print(f"guest: real Linux under QEMU TCG, {size / GIB:.2f} GiB of RAM (tcg_guest.py, "
+          f"boot and fill {times.get('boot and fill (host wall)', 0):.0f} s)")
+    compare(d, core, size, True)
+    for fmt in ("kdump-zlib", "kdump-lzo", "kdump-snappy"):
+        ref = d / f"qemu.{fmt}"
+        if fmt not in times or not ref.exists():
+            print(f"QEMU {fmt}: not available in this QEMU")
+            continue
+        algo = fmt.split("-")[1]
+        mine = d / "kdump.d0"
+        t_k, _ = kvmnote(core, mine, "--format", "kdump", "--compress", algo, "-d", "0")
+        print(f"QEMU dump-guest-memory {fmt} (paused guest, flattened): {times[fmt]:.1f} s, "
+              f"{sizes(ref)}; kvmnote -d 0 (zero pages kept, as QEMU) from the core "
+              f"{t_k:.1f} s, {sizes(mine)}: {times[fmt] / t_k:.2f}x as fast, "
+              f"{disk(mine) / disk(ref):.3f}x the size")
+        mine.unlink()
+
+
+def synthetic(gib: int) -> None:
     size = gib * GIB
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR", "/var/tmp")) as d:
         d = Path(d)
-        ram, core, elf = d / "ram.img", d / "core", d / "guest.elf"
-        real_len, t = make_ram(ram, size, real)
+        ram, core = d / "ram.img", d / "core"
+        t = make_ram(ram, size)
         make_core(core, ram, size)
-        print(f"guest: {gib} GiB, {disk(ram) / size:.0%} of it non-zero regions, "
-              f"{real_len / MIB:.0f} MiB from the real core {real}; built in {t:.0f} s")
-        subprocess.run(["cat", str(core)], stdout=subprocess.DEVNULL, check=True)  # cache it
-        (d / "cp").unlink(missing_ok=True)
-        t_cp, _ = timed(["cp", "--sparse=always", str(core), str(d / "cp")])
-        (d / "cp").unlink()
-        t_elf, hwm = kvmnote(core, elf)
-        print(f"ELF: kvmnote {t_elf:.1f} s (peak RSS {hwm / MIB:.0f} MiB), cp --sparse=always "
-              f"{t_cp:.1f} s: ratio (cp time / kvmnote time) {t_cp / t_elf:.2f}; {sizes(elf)}")
-        ours = {}
-        for algo in ("zstd", "lzo", "zlib", "snappy"):
-            out = d / f"kdump.{algo}"
-            dt, hwm = kvmnote(core, out, "--format", "kdump", "--compress", algo)
-            ours[algo] = (dt, disk(out))
-            print(f"kdump -d 1 {algo:6}: kvmnote {dt:.1f} s ({size / MIB / dt:.0f} MiB/s of "
-                  f"guest RAM), peak RSS {hwm / MIB:.0f} MiB, {sizes(out)}")
-            if algo != "zstd":
-                out.unlink()
-        if real and shutil.which("makedumpfile"):
-            for algo, flag in (("lzo", "-l"), ("zlib", "-c")):
-                out = d / f"makedumpfile.{algo}"
-                out.unlink(missing_ok=True)
-                dt, _ = timed(["makedumpfile", flag, "-d", "1", str(elf), str(out)])
-                t_k, s_k = ours[algo]
-                print(f"makedumpfile {flag} -d 1 ({algo}) from our ELF: {dt:.1f} s, "
-                      f"{sizes(out)}; kvmnote from the core is {dt / t_k:.2f}x as fast, "
-                      f"its output {s_k / disk(out):.3f}x the size")
-                out.unlink()
-        else:
-            print("makedumpfile: not compared (needs REAL_CORE: a real guest kernel in RAM)")
-        elf.unlink()
+        print(f"guest: synthetic, {gib} GiB, {disk(ram) / size:.0%} of it non-zero regions; "
+              f"built in {t:.0f} s")
+        compare(d, core, size, False)
         for algo in ("zlib", "lzo", "snappy"):
             out = d / f"qemu.{algo}"
             dt = qemu_dump(ram, size, out, f"kdump-{algo}")
