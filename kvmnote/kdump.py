@@ -78,7 +78,7 @@ class _Codec:
             segs = array.array("Q", itertools.chain.from_iterable((i * PAGE, PAGE)
                                                                     for i in keep))
             out = self.zstd.multi_compress_to_buffer(
-                zstandard.BufferWithSegments(bytes(data), segs.tobytes()), threads=1)
+                zstandard.BufferWithSegments(data, segs.tobytes()), threads=1)
             return [out[i] for i in range(len(out))]
         pinned = (ctypes.c_char * len(data)).from_buffer(data)
         base = ctypes.addressof(pinned)
@@ -430,6 +430,32 @@ class _Out:
         self.desc += len(d) * 8
 
 
+def _read(reader: V._Reader, uaddr: int, foff: int, data: memoryview) -> int:
+    """Fill `data` from the core (zeros past its end); how many bytes it had. A plain core
+    in one pread (holes not read), a compressed one through the ELF writer's reader."""
+    n = len(data)
+    if reader.fd >= 0:
+        have = max(0, min(n, reader.size - foff))
+        try:
+            hole = os.lseek(reader.fd, foff, os.SEEK_DATA) >= foff + have
+        except OSError:                   # ENXIO: a hole up to the end of the file
+            hole = True
+        got = 0 if hole else os.preadv(reader.fd, [memoryview(data)[:have]], foff)
+        if got < n:
+            data[got:] = bytes(n - got)
+        return have if hole else got
+    got = 0
+    while got < n:
+        want = min(V.CHUNK, n - got)
+        piece = reader.read(uaddr + got, foff + got, want)
+        data[got:got + len(piece)] = piece
+        got += len(piece)
+        if len(piece) < want:
+            data[got:] = bytes(n - got)
+            break
+    return got
+
+
 def _copy(core, slots, out: _Out, dumped: _Bitmap, scan, progress, compression: str,
           keep_zero: bool, jobs: int | None) -> list[V.Missing]:
     """Read every slot in batches, compress them in a thread pool, write them in order."""
@@ -437,7 +463,8 @@ def _copy(core, slots, out: _Out, dumped: _Bitmap, scan, progress, compression: 
     total, done = sum(s[1] for s in slots), 0
     workers = jobs or min(len(os.sched_getaffinity(0)), MAX_WORKERS)
     codecs = threading.local()
-    pending: deque[tuple[int, int, Future]] = deque()
+    pending: deque[tuple[int, int, Future, bytearray]] = deque()
+    free: list[bytearray] = []      # batch buffers to reuse: no page faults per batch
 
     def lack(gpa: int, n: int, why: str) -> None:
         last = missing[-1] if missing else None
@@ -448,9 +475,11 @@ def _copy(core, slots, out: _Out, dumped: _Bitmap, scan, progress, compression: 
 
     def flush(limit: int) -> None:
         while len(pending) > limit:
-            pfn, npages, fut = pending.popleft()
+            pfn, npages, fut, data = pending.popleft()
             zero, bufs, flags = fut.result()
             offs = out.append(bufs)
+            if len(data) == BATCH:
+                free.append(data)
             sizes = [len(b) for b in bufs]
             if keep_zero and zero:      # every page, the zero ones at the shared zero page
                 zs, j, rows = set(zero), 0, []
@@ -477,21 +506,20 @@ def _copy(core, slots, out: _Out, dumped: _Bitmap, scan, progress, compression: 
                         lack(g, n, why)
                     for pos in range(0, n, BATCH):
                         step = min(BATCH, n - pos)
-                        data = bytearray() if foff is not None else bytearray(step)
-                        while len(data) < step:
-                            want = min(V.CHUNK, step - len(data))
-                            got = reader.read(ua + pos + len(data), foff + pos + len(data),
-                                              want)
-                            data += got
-                            if len(got) < want:
-                                lack(g + pos + len(data), step - len(data),
+                        size_pages = step + -step % PAGE
+                        data = free.pop() if free and size_pages == BATCH \
+                            else bytearray(size_pages)
+                        if foff is None:
+                            data[:] = bytes(size_pages)
+                        else:
+                            got = _read(reader, ua + pos, foff + pos, memoryview(data)[:step])
+                            if got < step:
+                                lack(g + pos + got, step - got,
                                      "cut off: the core file ends before it (truncated core)")
-                                data = data.ljust(step, b"\0")
                         if scan and foff is not None:
                             scan.feed(g + pos, data)
-                        data += bytes(-len(data) % PAGE)
                         pending.append(((g + pos) // PAGE, len(data) // PAGE,
-                                        pool.submit(_batch, codecs, compression, data)))
+                                        pool.submit(_batch, codecs, compression, data), data))
                         flush(workers + 1)
                         if progress:
                             progress(done + pos + step, total)
