@@ -25,7 +25,6 @@ import shutil
 import struct
 import subprocess
 import threading
-import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 

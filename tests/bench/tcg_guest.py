@@ -9,8 +9,8 @@ notes, the input `kvmnote vmcore` takes.
 The guest (GIB of RAM, default 4.5): its initramfs holds 1.75 GiB of real files from /usr
 (unpacked into the rootfs: page cache), /init writes 1 GiB of /dev/urandom into a tmpfs
 (shmem) and a busybox awk builds a heap of strings (anonymous memory), then the guest idles.
-The vCPU notes of the VMM core are the unit tests' sample values (the benchmarks read
-memory, not registers); guest RAM, the kernel and its VMCOREINFO are real.
+The vCPU notes of the VMM core are the unit tests' sample values but for CR3, QEMU's (the
+benchmarks read memory, not registers); guest RAM, the kernel and its VMCOREINFO are real.
 """
 
 import json
@@ -126,17 +126,34 @@ def run_guest(work: Path, kernel: Path, rd: Path, mib: int) -> dict[str, float]:
     return times
 
 
+def qemu_cr3(elf: ELFFile) -> list[int]:
+    """Each CPU's CR3 from the QEMU notes (QEMUCPUState: cr[3] at offset 416)."""
+    out = []
+    for seg in elf.iter_segments():
+        if seg["p_type"] == "PT_NOTE":
+            for note in seg.iter_notes():
+                if note["n_name"] == "QEMU":
+                    out.append(int.from_bytes(note["n_descdata"][416:424], "little"))
+    return out
+
+
 def vmm_core(elf: Path, core: Path) -> int:
-    """QEMU's ELF dump as the core of a VMM whose guest RAM is at UADDR + gpa."""
+    """QEMU's ELF dump as the core of a VMM whose guest RAM is at UADDR + gpa; the vCPUs
+    get the guest's real CR3 (readers such as libkdumpfile may walk page tables from it)."""
     with open(elf, "rb") as f:
-        loads = [(s["p_paddr"], s["p_filesz"], s["p_offset"]) for s in ELFFile(f).iter_segments()
+        e = ELFFile(f)
+        loads = [(s["p_paddr"], s["p_filesz"], s["p_offset"]) for s in e.iter_segments()
                  if s["p_type"] == "PT_LOAD" and s["p_filesz"]]
+        cr3 = qemu_cr3(e)
     vm = {"vm_index": 0, "vendor": 1, "nr_vcpus": 2, "vm_type": 0, "flags": 0, "pid": 1,
           "reserved": 0}
     slots = [cb.memslot(i, gpa, size, UADDR + gpa) for i, (gpa, size, _) in enumerate(loads)]
     notes = cb.kvm_note(S.NT_KVM_VM, S.build_desc(cb.vm_records(vm, slots)))
-    notes += b"".join(cb.kvm_note(S.NT_KVM_VCPU, S.build_desc(cb.vcpu_records(
-        cb.sample_vcpu(i)))) for i in range(2))
+    vcpus = [cb.sample_vcpu(i) for i in range(2)]
+    for v, value in zip(vcpus, cr3):
+        v["sregs"]["cr3"] = value
+    notes += b"".join(cb.kvm_note(S.NT_KVM_VCPU, S.build_desc(cb.vcpu_records(v)))
+                      for v in vcpus)
     cb.write_core(core, notes, [cb.Load(UADDR + gpa, size, size) for gpa, size, _ in loads])
     with open(core, "rb") as f:
         offs = [s["p_offset"] for s in ELFFile(f).iter_segments() if s["p_type"] == "PT_LOAD"]
