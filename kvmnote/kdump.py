@@ -8,7 +8,9 @@ one page:
                       CPU, VMCOREINFO: the same notes as the ELF output)
     bitmap blocks     1st bitmap (pages that exist: the RAM slots), 2nd bitmap (pages dumped)
     page_desc table   one 24-byte descriptor per dumped page, in PFN order
-    page data         each page compressed alone (or raw when that is not smaller)
+    page data         one raw zero page, which every all-zero page's descriptor points
+                      to (as makedumpfile -d 1 does); then each other page compressed
+                      alone (or raw when that is not smaller)
 
 Pages are read in batches, compressed by a pool of threads (the compressors release the GIL)
 and written in PFN order by the caller's thread. The descriptor table is reserved for every
@@ -336,11 +338,10 @@ def write_kdump(core_path: str, out_path: str, *, vm_index: int | None = None,
             del valid
             dumped = _Bitmap(max_pfn)     # 1 bit per guest page: 32 MiB for 1 TiB
             out = _Out(fd, desc_off, data_off)
-            if not dump_level & 1:       # zero pages: all point to one raw zero page
-                out.zero = out.data
-                out.append([ZERO_PAGE])
+            out.zero = out.data          # zero pages: all point to one raw zero page
+            out.append([ZERO_PAGE])
             result.missing = _copy(core, slots, out, dumped, scan, progress, compression,
-                                   not dump_level & 1, jobs)
+                                   jobs)
             if vmcoreinfo is not None:
                 result.vmcoreinfo = "given"
             elif scan and scan.found:
@@ -456,7 +457,7 @@ def _read(reader: V._Reader, uaddr: int, foff: int, data: memoryview) -> int:
 
 
 def _copy(core, slots, out: _Out, dumped: _Bitmap, scan, progress, compression: str,
-          keep_zero: bool, jobs: int | None) -> list[V.Missing]:
+          jobs: int | None) -> list[V.Missing]:
     """Read every slot in batches, compress them in a thread pool, write them in order."""
     missing: list[V.Missing] = []
     total, done = sum(s[1] for s in slots), 0
@@ -480,20 +481,20 @@ def _copy(core, slots, out: _Out, dumped: _Bitmap, scan, progress, compression: 
             if len(data) == BATCH:
                 free.append(data)
             sizes = [len(b) for b in bufs]
-            if keep_zero and zero:      # every page, the zero ones at the shared zero page
-                zs, j, rows = set(zero), 0, []
-                for i in range(npages):
-                    if i in zs:
-                        rows.append((out.zero, PAGE, 0))
-                    else:
-                        rows.append((offs[j], sizes[j], flags[j]))
-                        j += 1
-                offs, sizes, flags = (list(c) for c in zip(*rows))
-                dumped.set_run(pfn, npages)
-            else:
-                dumped.set_run(pfn, npages, zero)
-            if offs:
-                out.descs(offs, sizes, flags)
+            if zero:        # splice in the zero pages' descriptors: a loop per zero page
+                o, s, f, j, prev = [], [], [], 0, 0
+                for z in zero:
+                    n = z - prev              # non-zero pages before this zero page
+                    o += offs[j:j + n]
+                    s += sizes[j:j + n]
+                    f += flags[j:j + n]
+                    o.append(out.zero)
+                    s.append(PAGE)
+                    f.append(0)
+                    j, prev = j + n, z + 1
+                offs, sizes, flags = o + offs[j:], s + sizes[j:], f + flags[j:]
+            dumped.set_run(pfn, npages)
+            out.descs(offs, sizes, flags)
 
     reader = V._Reader(core)
     try:
