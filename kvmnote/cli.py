@@ -26,9 +26,9 @@ VMCORE_EPILOG = """examples:
   kvmnote vmcore --format kdump --compress lzo core -o guest.kdump
 
 Formats: elf (QEMU's dump-guest-memory layout; a sparse file as large as guest RAM) or
-kdump (makedumpfile's kdump-compressed format: each non-zero page compressed, zero pages
-left out as makedumpfile -d 1 does; crash and drgn read it). --dump-level 0 keeps the zero
-pages (they all share one stored page). Levels that also leave out cache, user or free
+kdump (makedumpfile's kdump-compressed format: each non-zero page compressed, the zero
+pages stored once as makedumpfile -d 1 does; crash and drgn read it); --dump-level 0 writes
+the same pages. Levels that also leave out cache, user or free
 pages (makedumpfile -d 2..31) need the guest's mem_map: kvmnote writes its ELF vmcore beside
 VMCORE and runs makedumpfile on it, refusing a compression makedumpfile was built without
 and a guest kernel newer than makedumpfile knows (docs/vmcore.md).
@@ -119,7 +119,7 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--compress", metavar="ALGO", help="kdump page compression: zstd "
                    "(default), lzo, snappy or zlib")
     v.add_argument("-d", "--dump-level", type=int, metavar="N", help="kdump: makedumpfile's "
-                   "dump level: 1 (default) leaves out zero pages, 0 keeps them, 2..31 through "
+                   "dump level: 0 or 1 (default; zero pages stored once), 2..31 through "
                    "makedumpfile")
     v.set_defaults(func=_vmcore)
     return p

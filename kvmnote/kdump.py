@@ -13,9 +13,7 @@ one page:
                       alone (or raw when that is not smaller)
 
 Pages are read in batches, compressed by a pool of threads (the compressors release the GIL)
-and written in PFN order by the caller's thread. The descriptor table is reserved for every
-RAM page before the data (the number of non-zero pages is known only at the end); the unused
-rest stays a hole in the sparse file.
+and written in PFN order by the caller's thread.
 """
 
 import array
@@ -56,7 +54,7 @@ PAGE_DESC = struct.Struct("<qIIQ")     # offset, size, flags, page_flags
 # Compression flags of page_desc.flags and disk_dump_header.status.
 COMPRESSIONS = {"zlib": 0x1, "lzo": 0x2, "snappy": 0x4, "zstd": 0x20}
 DEFAULT_COMPRESSION = "zstd"
-# makedumpfile -d bits; kvmnote does 1 (zero pages) itself.
+# makedumpfile -d bits; kvmnote does 1 (zero pages: stored once) itself.
 DUMP_LEVEL_BITS = {1: "zero", 2: "cache", 4: "cache private", 8: "user", 16: "free"}
 
 
