@@ -7,7 +7,7 @@ import os
 import signal
 import sys
 
-from . import report, sources, triage, verify, vmcore
+from . import kdump, report, sources, triage, verify, vmcore
 from .core import EXCLUDED, open_core
 from .errors import KvmnoteError
 
@@ -30,6 +30,16 @@ VMCORE_EPILOG = """examples:
   kvmnote vmcore --cpu-map 0=0,2=1 core -o guest.vmcore
   kvmnote vmcore --allow-partial truncated.core -o guest.vmcore
   kvmnote vmcore --coredump 1234 -o guest.vmcore      # systemd-coredump's core of PID 1234
+  kvmnote vmcore --format kdump core.qemu.1234 -o guest.kdump  # makedumpfile's format, zstd
+  kvmnote vmcore --format kdump --compress lzo core -o guest.kdump
+
+Formats: elf (QEMU's dump-guest-memory layout; a sparse file as large as guest RAM) or
+kdump (makedumpfile's kdump-compressed format: each non-zero page compressed, the zero
+pages stored once as makedumpfile -d 1 does; crash and drgn read it); --dump-level 0 writes
+the same pages. Levels that also leave out cache, user or free
+pages (makedumpfile -d 2..31) need the guest's mem_map: kvmnote writes its ELF vmcore beside
+VMCORE and runs makedumpfile on it, refusing a compression makedumpfile was built without
+and a guest kernel newer than makedumpfile knows (docs/vmcore.md).
 
 Guest CPU numbers: KVM's vcpu_id is the VMM's choice (QEMU: the APIC ID), and Linux
 numbers CPUs in the order the firmware tables (MADT, MP table) list them, which QEMU emits
@@ -97,11 +107,19 @@ def _vmcore(args: argparse.Namespace) -> int:
     info = vmcore.read_vmcoreinfo_file(args.vmcoreinfo) if args.vmcoreinfo else None
     cpu_map = vmcore.parse_cpu_map(args.cpu_map) if args.cpu_map is not None else None
     _one_source(args)
+    common = dict(vm_index=args.vm, cpu_map=cpu_map, vmcoreinfo=info,
+                  allow_partial=args.allow_partial, force=args.force,
+                  progress=vmcore.tty_progress(sys.stderr))
+    if args.format != "kdump" and (args.compress or args.dump_level is not None):
+        raise KvmnoteError("--compress and --dump-level need --format kdump (the ELF "
+                           "output leaves zero pages out as holes and compresses nothing)")
     with sources.as_file(args.core, args.coredump) as (path, name):
-        res = vmcore.write_vmcore(path, args.output, vm_index=args.vm, cpu_map=cpu_map,
-                                  vmcoreinfo=info, allow_partial=args.allow_partial,
-                                  force=args.force, progress=vmcore.tty_progress(sys.stderr),
-                                  name=name)
+        if args.format == "kdump":
+            res = kdump.write_kdump(path, args.output, compression=args.compress or
+                                    kdump.DEFAULT_COMPRESSION, dump_level=args.dump_level
+                                    if args.dump_level is not None else 1, **common)
+        else:
+            res = vmcore.write_vmcore(path, args.output, name=name, **common)
     for w in res.warnings:
         print(f"kvmnote: warning: {w}", file=sys.stderr)
     excluded = sum(m.size for m in res.missing if m.reason == vmcore.WHY[EXCLUDED])
@@ -180,6 +198,13 @@ def parser() -> argparse.ArgumentParser:
                    "instead of finding it in guest RAM")
     v.add_argument("--allow-partial", action="store_true", help="exit 0 even if guest RAM "
                    "is missing (truncated core) or a vCPU has no state (zero registers)")
+    v.add_argument("--format", choices=("elf", "kdump"), default="elf", help="elf (default, "
+                   "as QEMU's dump-guest-memory) or kdump (makedumpfile's compressed format)")
+    v.add_argument("--compress", metavar="ALGO", help="kdump page compression: zstd "
+                   "(default), lzo, snappy or zlib")
+    v.add_argument("-d", "--dump-level", type=int, metavar="N", help="kdump: makedumpfile's "
+                   "dump level: 0 or 1 (default; zero pages stored once), 2..31 through "
+                   "makedumpfile")
     v.set_defaults(func=_vmcore)
     t = sub.add_parser("triage", help="what each vCPU was doing, in short; automatic "
                        "reports of systemd-coredump's crashes", epilog=TRIAGE_EPILOG,
