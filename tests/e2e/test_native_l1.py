@@ -32,6 +32,7 @@ export KVMNOTE_VMM=/mnt/in/vmm KVMNOTE_CACHE=/tmp/kvmnote-cache PYTHONDONTWRITEB
 python3 -m pytest -p no:cacheprovider tests/e2e --native -m native -q -rfEX \\
     --junitxml=/mnt/out/native.xml > /mnt/out/pytest.out 2>&1
 echo "pytest exit $?"
+tar -C /tmp/kvmnote-cache -cf /mnt/out/runs.tar --exclude=core e2e-runs   # logs, reports
 """
 SHIPPED = ("kvmnote", "tests/conftest.py", "tests/testlib.py", "tests/harness", "tests/e2e")
 

@@ -59,17 +59,23 @@ class Scenario:
     timeout: int = 60               # seconds, inside the machine
 
 
-COREPIPE = "#!/bin/sh\n# core_pattern pipe helper: |corepipe DEST\ncat > \"$1\"\n"
+def corepipe(out: str) -> str:
+    """core_pattern pipe helper `|corepipe NAME`: the core to OUT/NAME/core (the pattern
+    holds only the name: core_pattern is cut at 127 characters)."""
+    return f'#!/bin/sh\ncat > "{out}/$1/core"\n'
 
 
-def scenario_lines(scenarios: list[Scenario], out: str, vmm: str, corepipe: str) -> list[str]:
-    """Shell lines that run each scenario, its files under OUT/NAME/."""
+def scenario_lines(scenarios: list[Scenario], out: str, vmm: str, pipe: str) -> list[str]:
+    """Shell lines that run each scenario, its files under OUT/NAME/; PIPE is the
+    corepipe() helper for OUT."""
     L = ["ulimit -c unlimited", "echo 0 > /proc/sys/kernel/core_uses_pid",
          f"cat {CPARAM} > {out}/coredump_notes.txt 2>&1",
          f"ls -l /dev/kvm > {out}/devkvm.txt 2>&1"]
     for s in scenarios:
         d = f"{out}/{s.name}"
-        pat = f"|{corepipe} {d}/core" if s.pattern == "pipe" else f"{d}/core"
+        pat = f"|{pipe} {s.name}" if s.pattern == "pipe" else f"{d}/core"
+        if len(pat) > 127:
+            raise HarnessError(f"core_pattern {pat!r} is longer than the kernel's 127 bytes")
         argv = " ".join(shlex.quote(a) for a in s.args)
         L += [
             f'echo "===SCN-BEGIN {s.name} $(cut -d" " -f1 /proc/uptime)"',
@@ -113,7 +119,7 @@ def base_initramfs(modules_root: Path | None = None) -> Path:
     """busybox + vmm (+ KVM's modules), cached by content."""
     import hashlib
     vmm = build_vmm()
-    h = hashlib.sha256(BUSYBOX.read_bytes() + vmm.read_bytes() + COREPIPE.encode() + b"v2")
+    h = hashlib.sha256(BUSYBOX.read_bytes() + vmm.read_bytes() + corepipe("/out").encode())
     mods = sorted(p for p in modules_root.rglob("*") if p.is_file()) if modules_root else []
     for p in mods:
         h.update(str(p.relative_to(modules_root)).encode() + p.read_bytes())
@@ -124,7 +130,7 @@ def base_initramfs(modules_root: Path | None = None) -> Path:
     c.busybox()
     c.dir("lib/modules")
     c.file("bin/vmm", vmm.read_bytes())
-    c.file("bin/corepipe", COREPIPE.encode())
+    c.file("bin/corepipe", corepipe("/out").encode())
     for p in mods:
         c.file("lib/modules/" + p.name, p.read_bytes(), 0o644)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -355,7 +361,7 @@ def run_native(work: Path, scenarios: list[Scenario], preamble: list[str],
     """The scenarios as a shell script on this kernel; WORK/out holds their files."""
     out = work / "out"
     out.mkdir(parents=True, exist_ok=True)
-    (work / "corepipe").write_text(COREPIPE)
+    (work / "corepipe").write_text(corepipe(str(out)))
     (work / "corepipe").chmod(0o755)
     mark = f"KVMNOTE-NATIVE-{work.name}"
     script = "\n".join([

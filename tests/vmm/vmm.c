@@ -233,6 +233,33 @@ static void write_coredump_filter(const char *hex)
 		die("write /proc/self/coredump_filter");
 }
 
+/* --crash external: a process forked before any guest memory exists (a fork
+ * later would write-protect the VMM's memory and so fault the running vCPUs
+ * out of the guest, changing their last exit) waits for a byte on a pipe,
+ * then sends SIGSEGV. */
+static int killer_fd = -1;
+
+static void start_killer(void)
+{
+	int p[2];
+	if (pipe(p) < 0)
+		die("pipe");
+	pid_t target = getpid(), pid = fork();
+	if (pid < 0)
+		die("fork");
+	if (pid == 0) {
+		char c;
+		close(p[1]);
+		if (read(p[0], &c, 1) == 1) {
+			usleep(20000);
+			kill(target, SIGSEGV);
+		}
+		_exit(0);
+	}
+	close(p[0]);
+	killer_fd = p[1];
+}
+
 static int is_spinner(int i)
 {
 	return kind[i] == 1 || kind[i] == 3;
@@ -305,6 +332,8 @@ int main(int argc, char **argv)
 		enter_pid_namespace();
 	if (filter)
 		write_coredump_filter(filter);
+	if (!strcmp(crash, "external"))
+		start_killer();
 	if (rlimit_core >= 0) {
 		struct rlimit rl = { rlimit_core, rlimit_core };
 		if (setrlimit(RLIMIT_CORE, &rl) < 0)
@@ -448,16 +477,10 @@ int main(int argc, char **argv)
 		if (munmap(vcpus[close_id].run, vms[0].run_size) || close(vcpus[close_id].fd))
 			die("closing vcpu %d", close_id);
 	}
-	if (!strcmp(crash, "external")) {
+	if (killer_fd >= 0) {
 		/* Another process sends the fatal signal; we wait where we are. */
-		pid_t self = getpid(), killer = fork();
-		if (killer < 0)
-			die("fork");
-		if (killer == 0) {
-			usleep(20000);
-			kill(self, SIGSEGV);
-			_exit(0);
-		}
+		if (write(killer_fd, "k", 1) != 1)
+			die("write to the killer");
 		for (;;)
 			pause();
 	}
