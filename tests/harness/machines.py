@@ -57,6 +57,8 @@ class Scenario:
     pre: list[str] = field(default_factory=list)    # shell lines before
     post: list[str] = field(default_factory=list)   # shell lines after
     timeout: int = 60               # seconds, inside the machine
+    command: str | None = None      # instead of the test VMM (e.g. a KVM selftest);
+                                    # its output goes to OUT/NAME/stdout, its status to rc
 
 
 def corepipe(out: str) -> str:
@@ -82,6 +84,8 @@ def scenario_lines(scenarios: list[Scenario], out: str, vmm: str, pipe: str) -> 
             f"mkdir -p {d}",
             *(line.replace("@OUT@", out) for line in s.pre),
             f"echo '{pat}' > /proc/sys/kernel/core_pattern",
+            f"timeout {s.timeout} {s.command.replace('@OUT@', out)} > {d}/stdout 2>&1"
+            if s.command else
             f"timeout {s.timeout} {vmm} {argv} --report {d}/report.json > {d}/stdout 2>&1",
             f"echo $? > {d}/rc",
             *(line.replace("@OUT@", out) for line in s.post),
@@ -386,8 +390,11 @@ def run_native(work: Path, scenarios: list[Scenario], preamble: list[str],
 
 def boot(backend: str, variant: str, scenarios: list[Scenario], *, cmdline: str = "",
          preamble: list[str] | None = None, cpu: str | None = None,
-         modules: bool = False, tag: str = "") -> BootResult:
-    """Run `scenarios` once on `backend` (svm, vmx: kernel `variant`; native: this one)."""
+         modules: bool = False, tag: str = "",
+         extra_files: dict[str, bytes] | None = None) -> BootResult:
+    """Run `scenarios` once on `backend` (svm, vmx: kernel `variant`; native: this one).
+    extra_files (path -> content, executable) go into the initramfs machines, e.g. a
+    selftest binary for a Scenario(command=...); natively the command names host paths."""
     name = f"{backend}-{variant}{'-' + tag if tag else ''}"
     work = RUNS / f"{name}-{time.strftime('%H%M%S')}-{os.getpid()}"
     work.mkdir(parents=True, exist_ok=True)
@@ -415,6 +422,8 @@ def boot(backend: str, variant: str, scenarios: list[Scenario], *, cmdline: str 
         (work / "init").write_text(init)
         c = Cpio()
         c.file("init", init.encode())
+        for path, data in (extra_files or {}).items():
+            c.file(path, data)
         initrd = work / "initrd.gz"
         initrd.write_bytes(base_initramfs(mods).read_bytes() + c.gz())
         if backend == "svm":
