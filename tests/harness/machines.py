@@ -395,6 +395,12 @@ def boot(backend: str, variant: str, scenarios: list[Scenario], *, cmdline: str 
     """Run `scenarios` once on `backend` (svm, vmx: kernel `variant`; native: this one).
     extra_files (path -> content, executable) go into the initramfs machines, e.g. a
     selftest binary for a Scenario(command=...); natively the command names host paths."""
+    kern = None
+    if backend != "native":
+        try:
+            kern = K.variant(variant)
+        except K.KernelError as e:
+            raise HarnessError(str(e)) from e
     name = f"{backend}-{variant}{'-' + tag if tag else ''}"
     work = RUNS / f"{name}-{time.strftime('%H%M%S')}-{os.getpid()}"
     work.mkdir(parents=True, exist_ok=True)
@@ -411,13 +417,9 @@ def boot(backend: str, variant: str, scenarios: list[Scenario], *, cmdline: str 
                                      + (f"; killed after {timeout}s" if timed_out else "")]
     else:
         vendor = backend
-        try:
-            kernel = K.variant(variant)
-        except K.KernelError as e:
-            raise HarnessError(str(e)) from e
-        mods = K.modules_dir(kernel) if modules else None
+        mods = K.modules_dir(kern) if modules else None
         if modules and mods is None:
-            raise HarnessError(f"no modules under {kernel.parent}")
+            raise HarnessError(f"no modules under {kern.parent}")
         init = initramfs_init(scenarios, preamble or [])
         (work / "init").write_text(init)
         c = Cpio()
@@ -427,9 +429,9 @@ def boot(backend: str, variant: str, scenarios: list[Scenario], *, cmdline: str 
         initrd = work / "initrd.gz"
         initrd.write_bytes(base_initramfs(mods).read_bytes() + c.gz())
         if backend == "svm":
-            rc, timed_out = run_qemu(work, kernel, initrd, cmdline, timeout, cpu=cpu or "max")
+            rc, timed_out = run_qemu(work, kern, initrd, cmdline, timeout, cpu=cpu or "max")
         else:
-            rc, timed_out = run_bochs(work, kernel, initrd, cmdline, timeout,
+            rc, timed_out = run_bochs(work, kern, initrd, cmdline, timeout,
                                       cpu=cpu or "corei7_haswell_4770")
         log = (work / "console.log").read_bytes().decode("utf-8", "replace")
         files, errors = parse_console(log)
