@@ -50,11 +50,15 @@ make -s -C "$src" -j"$(nproc)" bindeb-pkg LOCALVERSION=-kvmnote
 release=$(make -s -C "$src" kernelrelease LOCALVERSION=-kvmnote)
 dpkg -i "$work"/linux-image-"$release"_*.deb
 
-# GRUB boots exactly this kernel next time (by its menu entry id, not by order).
+# GRUB boots exactly this kernel next time (by its menu entry id, not by order),
+# with the box configured as a host that wants KVM notes: coredump_filter bit 9
+# (the series' v2 policy; harness/cmdline.py has the same for the emulated L1).
 uuid=$(grub-probe --target=fs_uuid /)
-sed -i '/^GRUB_DEFAULT=/d' /etc/default/grub
-echo "GRUB_DEFAULT=\"gnulinux-advanced-$uuid>gnulinux-$release-advanced-$uuid\"" \
-	>> /etc/default/grub
+sed -i -e '/^GRUB_DEFAULT=/d' -e '/^GRUB_CMDLINE_LINUX=.*kvmnote/d' /etc/default/grub
+{
+	echo "GRUB_DEFAULT=\"gnulinux-advanced-$uuid>gnulinux-$release-advanced-$uuid\""
+	echo 'GRUB_CMDLINE_LINUX="$GRUB_CMDLINE_LINUX coredump_filter=0x233" # kvmnote'
+} >> /etc/default/grub
 update-grub
 echo "$release" > "$work/kernelrelease"
 echo "build-kernel: installed $release; rebooting into it"

@@ -13,6 +13,7 @@ die() { echo "run-tests: FATAL: $*" >&2; exit 1; }
 want=$(cat "$work/kernelrelease" 2>/dev/null) || die "no $work/kernelrelease: build-kernel.sh did not finish"
 [ "$(uname -r)" = "$want" ] || die "running kernel $(uname -r), not the patched $want (GRUB?)"
 [ -e /sys/module/kvm/parameters/coredump_notes ] || die "$want has no kvm.coredump_notes"
+grep -qw 'coredump_filter=0x233' /proc/cmdline || die "no coredump_filter=0x233 on the command line"
 grep -qwE 'vmx|svm' /proc/cpuinfo || die "no vmx/svm in the box: enable nested virtualization on the host"
 [ -c /dev/kvm ] || die "no /dev/kvm"
 
