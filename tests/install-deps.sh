@@ -13,13 +13,15 @@ packages=(
 	# the emulated machines and what boots in them
 	qemu-system-x86 bochs bochsbios vgabios isolinux syslinux-common
 	genisoimage busybox-static
-	# the bcc tracer test: a Debian rootfs for the emulated machine
+	# the Debian rootfs of the emulated L1 machine (bcc tracer, native mode)
 	mmdebstrap e2fsprogs
 	# kvmnote vmcore acceptance: crash reads a Linux 6.1 guest built from
 	# Debian's source (its crash 8.0.2 cannot read 6.12 guests)
 	crash linux-source-6.1
 	# the Python side
 	python3 python3-venv python3-pip
+	# CI's static checks: every shell script, the Vagrantfile (with its provider)
+	shellcheck vagrant vagrant-libvirt
 	# looking at cores by hand
 	gdb elfutils
 )

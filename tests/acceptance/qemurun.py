@@ -7,17 +7,16 @@ wrote. e2e-recipe.md, "A real QEMU inside the emulated machine".
 
 import os
 import shutil
-import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from testlib import L1_TSC  # noqa: E402
+from harness.cpio import BUSYBOX, write_gz  # noqa: E402,F401 (qemurun.BUSYBOX: the test checks it)
+from harness.kernel import kernel  # noqa: E402,F401 (qemurun.kernel: bench_qemu_script uses it)
+from harness.machines import run_qemu  # noqa: E402
+from harness.transfer import blank_disk, untar_disk  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
-BUSYBOX = "/bin/busybox"
 QEMU = "/usr/bin/qemu-system-x86_64"
 GUEST_MIB = 128
 
@@ -94,84 +93,30 @@ reboot -f
 """
 
 
-class Cpio:
-    """A newc cpio archive of a directory tree made with the cpio tool."""
-
-    @staticmethod
-    def pack(tree: Path, out: Path) -> None:
-        """gzip -1 of `find tree | cpio -o -H newc`."""
-        with open(out, "wb") as f:
-            find = subprocess.Popen(["find", "."], cwd=tree, stdout=subprocess.PIPE)
-            cpio = subprocess.Popen(["cpio", "-o", "-H", "newc", "--quiet"], cwd=tree,
-                                    stdin=find.stdout, stdout=subprocess.PIPE)
-            subprocess.run(["gzip", "-1"], stdin=cpio.stdout, stdout=f, check=True)
-            if find.wait() or cpio.wait():
-                raise RuntimeError("cpio failed")
-
-
-def _busybox_tree(root: Path, init: str) -> None:
-    """A busybox-static root with `init` as /init."""
-    for d in ("bin", "sbin", "proc", "sys", "dev", "tmp", "etc"):
-        (root / d).mkdir(parents=True, exist_ok=True)
-    shutil.copy(BUSYBOX, root / "bin/busybox")
-    for applet in subprocess.run([BUSYBOX, "--list"], capture_output=True, text=True,
-                                 check=True).stdout.split():
-        link = root / "bin" / applet
-        if not link.exists():
-            link.symlink_to("busybox")
-    (root / "init").write_text(init)
-    (root / "init").chmod(0o755)
-
-
 def guest_initramfs(work: Path) -> Path:
     """The L2 guest's initramfs (busybox, the dd workload)."""
-    tree = work / "l2-root"
-    shutil.rmtree(tree, ignore_errors=True)
-    _busybox_tree(tree, GUEST_INIT)
-    out = work / "l2-initramfs.gz"
-    Cpio.pack(tree, out)
-    return out
+    def fill(c):
+        c.busybox()
+        c.file("init", GUEST_INIT.encode())
+    return write_gz(work / "l2-initramfs.gz", fill)
 
 
 def host_initramfs(work: Path, guest_kernel: Path, guest_initrd: Path,
                    scenarios: tuple[str, ...] = ("paused", "running")) -> Path:
     """The L1 initramfs: busybox, Debian's QEMU with its libraries and firmware, L2."""
-    tree = work / "l1-root"
-    shutil.rmtree(tree, ignore_errors=True)
-    init = HOST_INIT.replace("@MIB@", str(GUEST_MIB))
-    _busybox_tree(tree, init.replace("@SCENARIOS@", "\n".join(f"run {s} {s}" for s in scenarios)))
-    (tree / "usr/bin").mkdir(parents=True)
-    shutil.copy(QEMU, tree / "usr/bin")
-    (tree / "bin/qemu-system-x86_64").symlink_to("/usr/bin/qemu-system-x86_64")
-    ldd = subprocess.run(["ldd", QEMU], capture_output=True, text=True, check=True).stdout
-    for line in ldd.splitlines():
-        parts = line.split()
-        lib = parts[2] if "=>" in parts and len(parts) > 2 else parts[0]
-        if lib.startswith("/"):
-            dest = tree / lib.lstrip("/")
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(lib, dest)  # follows symlinks
-    for d in ("/usr/share/qemu", "/usr/share/seabios"):
-        shutil.copytree(d, tree / d.lstrip("/"), symlinks=True)
-    (tree / "l2").mkdir()
-    shutil.copy(guest_kernel, tree / "l2/bzImage")
-    shutil.copy(guest_initrd, tree / "l2/initramfs.gz")
-    for lib in ("lib", "lib64"):  # merged-/usr layout of Debian
-        if (tree / "usr" / lib).exists() and not (tree / lib).exists():
-            (tree / lib).symlink_to(f"usr/{lib}")
-    out = work / "l1-initramfs.gz"
-    Cpio.pack(tree, out)
-    return out
+    init = HOST_INIT.replace("@MIB@", str(GUEST_MIB)).replace(
+        "@SCENARIOS@", "\n".join(f"run {s} {s}" for s in scenarios))
 
-
-def kernel(*args: str, env: dict[str, str] | None = None) -> Path:
-    """The bzImage kpatch/build.sh makes for `args` (cached: found without its lock)."""
-    build = [str(ROOT / "kpatch/build.sh"), *args]
-    path = Path(subprocess.run(build + ["--print"], capture_output=True, text=True,
-                               check=True, env=env).stdout.split()[-1])
-    if not path.exists():
-        subprocess.run(build, check=True, env=env, stdout=subprocess.DEVNULL)
-    return path
+    def fill(c):
+        c.busybox()
+        c.file("init", init.encode())
+        c.program(QEMU, "usr/bin/qemu-system-x86_64")
+        c.symlink("bin/qemu-system-x86_64", "/usr/bin/qemu-system-x86_64")
+        for d in ("/usr/share/qemu", "/usr/share/seabios"):
+            c.copy(d)
+        c.copy(guest_kernel, "l2/bzImage")
+        c.copy(guest_initrd, "l2/initramfs.gz")
+    return write_gz(work / "l1-initramfs.gz", fill)
 
 
 def _logs_tail(out: Path) -> str:
@@ -190,27 +135,17 @@ def run(work: Path, host_kernel: Path, guest_kernel: Path, timeout: float = 900,
     t0 = time.monotonic()
     host_rd = host_initramfs(work, guest_kernel, guest_initramfs(work), scenarios)
     t_rd = time.monotonic() - t0
-    disk = work / "out.img"
-    disk.unlink(missing_ok=True)
-    with open(disk, "wb") as f:
-        f.truncate(2 << 30)
-    cmd = ["timeout", str(int(timeout)), "qemu-system-x86_64", "-accel", "tcg", "-cpu", "max",
-           "-smp", "2,sockets=2,cores=1,threads=1", "-m", "4096", "-nographic", "-no-reboot",
-           "-kernel", str(host_kernel), "-initrd", str(host_rd),
-           "-drive", f"file={disk},format=raw,if=virtio",
-           "-append", "console=ttyS0 panic=-1 " + L1_TSC]
+    disk = blank_disk(work / "out.img", 2 << 30)
     t1 = time.monotonic()
-    with open(work / "l1-console.log", "wb") as log:
-        rc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=log,
-                            stderr=subprocess.STDOUT).returncode
+    rc, _ = run_qemu(work, host_kernel, host_rd, "", timeout, memory=4096,
+                     disks=((disk, "rw"),))
     t_run = time.monotonic() - t1
-    console = (work / "l1-console.log").read_text(errors="replace")
+    console = (work / "console.log").read_text(errors="replace")
     out = work / "out"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir()
     if "tar done" in console:
-        with tarfile.open(disk) as tar:
-            tar.extractall(out, filter="data")
+        untar_disk(disk, out)
     if "tar done" not in console or console.count("guest ready") != len(scenarios):
         raise RuntimeError(f"L1 run failed (rc {rc}); console tail:\n" + console[-3000:]
                            + _logs_tail(out))

@@ -14,24 +14,26 @@ after KVM_EXIT_HLT).
 """
 
 import copy
-import hashlib
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from testlib import L1_TSC, need  # noqa: E402
+from harness import REPO
+from harness.kernel import kernel
+from harness.kvmnote_read import notes as kvmnote_json
+from harness.machines import run_qemu
+from harness.rootfs import debian_rootfs
+from harness.transfer import blank_disk, tar_disk, untar_disk
+from harness.vmm import build_vmm
+from testlib import need
 
-REPO = Path(__file__).resolve().parents[2]
-CACHE = Path(os.environ.get("KVMNOTE_CACHE", Path.home() / ".cache" / "kvmnote"))
 QEMU = shutil.which("qemu-system-x86_64")
 NHALT, NSPIN, NIDLE = 2, 1, 1
 SVM_EXIT_HLT = 0x78          # AMD APM vol. 2, appendix C
@@ -69,39 +71,6 @@ ls -l /mnt/out
 """
 
 
-def vmm_source():
-    """The e2e test VMM: REPO/tests/vmm once merged, else $KVMNOTE_VMM_SRC."""
-    for d in (REPO / "tests" / "vmm", os.environ.get("KVMNOTE_VMM_SRC"),
-              "/work/wt-e2e/tests/vmm"):
-        if d and (Path(d) / "vmm.c").exists():
-            return Path(d)
-    return None
-
-
-def build_vmm(src):
-    files = [src / "vmm.c", src / "kvmtest.c", src / "kvmtest.h"]
-    key = hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:16]
-    out = CACHE / "bpf-vmm" / f"vmm-{key}"
-    if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["gcc", "-O2", "-Wall", "-static", "-pthread", "-o", f"{out}.tmp",
-                        str(src / "vmm.c"), str(src / "kvmtest.c")], check=True)
-        os.rename(f"{out}.tmp", out)
-    return out
-
-
-def build_kernel():
-    """kpatch/build.sh -c l1; a cached kernel is taken without queueing for
-    build.sh's lock behind other kernel builds."""
-    build = [str(REPO / "kpatch" / "build.sh"), "-c", "l1"]
-    out = subprocess.run(build + ["--print"], check=True, stdout=subprocess.PIPE,
-                         universal_newlines=True).stdout.split()[-1]
-    if Path(out).exists():
-        return out
-    return subprocess.run(build, check=True, stdout=subprocess.PIPE,
-                          universal_newlines=True).stdout.split()[-1]
-
-
 def timed(what, fn, times):
     t = time.monotonic()
     r = fn()
@@ -117,43 +86,25 @@ def run(tmp_path_factory):
          "linux-source-6.12 not installed (apt install linux-source-6.12)")
     need(shutil.which("mmdebstrap") is not None, "mmdebstrap not installed (apt install mmdebstrap)")
     need(shutil.which("gcc") is not None, "gcc not installed (the test VMM is built static)")
-    src = vmm_source()
-    need(src is not None, "no test VMM source (tests/vmm/vmm.c; or set KVMNOTE_VMM_SRC)")
 
     times = {}
     t0 = time.monotonic()
-    kernel = timed("kernel build", lambda: build_kernel(), times)
-    rootfs = timed("rootfs build", lambda: subprocess.run(
-        [str(REPO / "tests" / "bpf" / "rootfs.sh")], check=True,
-        stdout=subprocess.PIPE, universal_newlines=True).stdout.strip(), times)
-    vmm = timed("vmm build", lambda: build_vmm(src), times)
+    kern = timed("kernel build", lambda: kernel("-c", "l1"), times)
+    rootfs = timed("rootfs build", debian_rootfs, times)
+    vmm = timed("vmm build", build_vmm, times)
 
     d = tmp_path_factory.mktemp("bpf")
-    with tarfile.open(d / "in.tar", "w") as t:
-        t.add(REPO / "bpf" / "kvmcoredump.py", "kvmcoredump.py")
-        t.add(vmm, "vmm")
-        (d / "run.sh").write_text(RUN_SH)
-        t.add(d / "run.sh", "run.sh")
-    with open(d / "out.img", "wb") as f:
-        f.truncate(256 << 20)
-    cmd = ["timeout", "900", QEMU, "-accel", "tcg", "-cpu", "max",
-           "-smp", "2,sockets=2,cores=1,threads=1", "-m", "1024",
-           "-nographic", "-no-reboot", "-kernel", kernel,
-           "-append", "console=ttyS0 root=/dev/vda rw rootfstype=ext4 "
-                      "init=/sbin/kvmnote-init panic=-1 " + L1_TSC,
-           "-drive", f"file={rootfs},if=virtio,format=raw,snapshot=on",
-           "-drive", f"file={d / 'in.tar'},if=virtio,format=raw,readonly=on",
-           "-drive", f"file={d / 'out.img'},if=virtio,format=raw"]
-    (d / "cmd.txt").write_text(" ".join(cmd) + "\n")
-    with open(d / "console.log", "w") as log:
-        p = timed("qemu run", lambda: subprocess.run(
-            cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT), times)
+    tar_disk(d / "in.tar", {"kvmcoredump.py": REPO / "bpf" / "kvmcoredump.py", "vmm": vmm,
+                            "run.sh": RUN_SH.encode()})
+    blank_disk(d / "out.img", 256 << 20)
+    rc, timed_out = timed("qemu run", lambda: run_qemu(
+        d, kern, None, "root=/dev/vda rw rootfstype=ext4 init=/sbin/kvmnote-init", 900,
+        memory=1024, disks=((rootfs, "snapshot"), (d / "in.tar", "ro"), (d / "out.img", "rw"))),
+        times)
     console = (d / "console.log").read_text(errors="replace")
-    assert p.returncode == 0, f"qemu exit {p.returncode}; console:\n{console[-3000:]}"
+    assert rc == 0 and not timed_out, f"qemu exit {rc}; console:\n{console[-3000:]}"
     assert "kvmnote-init: done" in console, console[-3000:]
-    out = d / "out"
-    with tarfile.open(d / "out.img") as t:
-        t.extractall(out)
+    out = untar_disk(d / "out.img", d / "out")
     times["total"] = round(time.monotonic() - t0, 1)
     up = dict(re.findall(r"^(tracer start|tracer ready|tracer exit \d+) ([\d.]+)$",
                          (out / "run.log").read_text(), re.M))
@@ -172,15 +123,6 @@ def run(tmp_path_factory):
     return {"dir": d, "out": out, "core": core, "noise_core": out / f"core.{noise['pid']}",
             "trace": json.loads((out / "trace.json").read_text()),
             "vmm": vmm, "noise": noise, "notes": kvmnote_json(core)}
-
-
-def kvmnote_json(core):
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    p = subprocess.run([sys.executable, "-m", "kvmnote", "read", "--json", str(core)],
-                       env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                       universal_newlines=True)
-    assert p.returncode == 0, p.stderr
-    return json.loads(p.stdout)
 
 
 def verify(trace_path, core):

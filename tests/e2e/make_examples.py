@@ -18,18 +18,18 @@ import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import kvmnote  # noqa: E402
-import harness  # noqa: E402
-from scenarios import BY_NAME  # noqa: E402
+from harness import REPO, machines  # noqa: E402
+from harness.scenarios import BY_NAME  # noqa: E402
 
-OUT = harness.REPO / "examples"
+OUT = REPO / "examples"
 LIMIT = 1 << 20
 
 
 def make(vendor: str) -> Path:
-    b = harness.boot(vendor, "patched", [BY_NAME["long2"].scenario], tag="examples")
+    b = machines.boot(vendor, "patched", [BY_NAME["long2"].scenario], tag="examples")
     if b.errors:
         raise SystemExit(f"{vendor}: {b.errors}\n{b.context()}")
     core = b.file("long2", "core")
@@ -45,7 +45,7 @@ def make(vendor: str) -> Path:
     size = dst.stat().st_size
     if size >= LIMIT:
         raise SystemExit(f"{dst}: {size} bytes, not under 1 MB")
-    print(f"{dst.relative_to(harness.REPO)}: {size} bytes (core {len(core)} bytes, "
+    print(f"{dst.relative_to(REPO)}: {size} bytes (core {len(core)} bytes, "
           f"boot {b.elapsed:.1f} s)")
     return dst
 

@@ -17,21 +17,22 @@ import re
 
 import pytest
 
-import corefile
-import expected as X
-from conftest import decoded_notes, get_boot, need_patched, need_vendor
-from scenarios import FAULT_PREAMBLE, FAULT_SPECS
-from test_e2e import ctx, scenario_files
+from harness import corefile
+from harness import expected as X
+from harness.boots import get_boot
+from harness.checks import ctx, scenario_files
+from harness.kvmnote_read import notes as decoded_notes
+from harness.scenarios import FAULT_PREAMBLE, FAULT_SPECS
 
 UNKNOWN = 0xFFFFFFFF
 NAMES = tuple(s.name for s in FAULT_SPECS)
-VENDORS = [pytest.param("svm", marks=pytest.mark.svm), pytest.param("vmx", marks=pytest.mark.vmx)]
+BACKENDS = [pytest.param("svm", marks=pytest.mark.svm), pytest.param("vmx", marks=pytest.mark.vmx)]
 
 
 def outcome(boot, name) -> set[str]:
     """Check one scenario's core; return what failed in it."""
     report, core_path = scenario_files(boot, name)
-    where, c = f"{boot.vendor} {name}", ctx(boot, name)
+    where, c = f"{boot.backend} {name}", ctx(boot, name)
 
     # The core is whole: guest memory through the VMM's own memslot map.
     core = corefile.Core(core_path.read_bytes())
@@ -43,7 +44,7 @@ def outcome(boot, name) -> set[str]:
         assert corefile.guest_read(core, slots, gpa, size) == want, \
             f"{where}: guest memory of slot {sl} damaged in the core{c}"
 
-    notes, _ = decoded_notes(core_path)
+    notes = decoded_notes(core_path)
     dropped = notes.get("dropped") or []
     assert len(dropped) <= 1, f"{where}: {len(dropped)} NT_KVM_DROPPED notes{c}"
     d = dropped[0] if dropped else {"nr_vms": 0, "nr_vcpus": 0, "nr_memslots": 0}
@@ -85,11 +86,9 @@ def outcome(boot, name) -> set[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("vendor", VENDORS)
-def test_allocation_failures_in_the_dump(vendor):
-    need_vendor(vendor)
-    need_patched()
-    b = get_boot(vendor, "patched-debug", tag="fault", names=NAMES,
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_allocation_failures_in_the_dump(backend):
+    b = get_boot(backend, "patched-debug", tag="fault", names=NAMES,
                  extra_preamble=tuple(FAULT_PREAMBLE))
     assert not b.errors, f"{b.errors}{ctx(b)}"
     rng = (b.file("fault_range.txt") or b"").decode()

@@ -58,7 +58,7 @@ static struct {
 	struct kvm_cpuid_entry2 e[256];
 } cpuid;
 
-void vm_create(struct vm *vm)
+void vm_create(struct vm *vm, int irqchip)
 {
 	memset(vm, 0, sizeof(*vm));
 	vm->kvm = open("/dev/kvm", O_RDWR | O_CLOEXEC);
@@ -70,6 +70,14 @@ void vm_create(struct vm *vm)
 	vm->run_size = ioctl(vm->kvm, KVM_GET_VCPU_MMAP_SIZE, 0);
 	if (vm->run_size <= 0)
 		die("KVM_GET_VCPU_MMAP_SIZE");
+	vm->xsave_size = ioctl(vm->fd, KVM_CHECK_EXTENSION, KVM_CAP_XSAVE2);
+	if (vm->xsave_size < (int)sizeof(struct kvm_xsave))
+		vm->xsave_size = sizeof(struct kvm_xsave);
+	if (irqchip) {
+		if (ioctl(vm->fd, KVM_CREATE_IRQCHIP, 0) < 0)
+			die("KVM_CREATE_IRQCHIP");
+		vm->irqchip = 1;
+	}
 	if (!cpuid.h.nent) {
 		cpuid.h.nent = 256;
 		if (ioctl(vm->kvm, KVM_GET_SUPPORTED_CPUID, &cpuid) < 0)
@@ -163,6 +171,7 @@ void vm_setup_memory(struct vm *vm, enum mode mode)
 void vcpu_create(struct vm *vm, struct vcpu *v, int id)
 {
 	v->id = id;
+	v->vm = vm;
 	v->fd = ioctl(vm->fd, KVM_CREATE_VCPU, id);
 	if (v->fd < 0)
 		die("KVM_CREATE_VCPU %d", id);
@@ -378,7 +387,33 @@ void vcpu_read_state(struct vcpu *v, struct vcpu_state *st)
 			st->msrs.e[n++] = one.e;
 	}
 	st->msrs.hdr.nmsrs = n;
+	if (ioctl(v->fd, KVM_GET_VCPU_EVENTS, &st->events) < 0)
+		die("KVM_GET_VCPU_EVENTS");
+	if (v->vm->irqchip) {
+		if (ioctl(v->fd, KVM_GET_LAPIC, &st->lapic) < 0)
+			die("KVM_GET_LAPIC");
+		st->has_lapic = 1;
+	}
+	st->xsave_size = v->vm->xsave_size;
+	st->xsave = calloc(1, st->xsave_size);
+	st->cpuid = calloc(1, sizeof(*st->cpuid) + 256 * sizeof(struct kvm_cpuid_entry2));
+	if (!st->xsave || !st->cpuid)
+		die("calloc");
+	if (ioctl(v->fd, st->xsave_size > (int)sizeof(struct kvm_xsave) ? KVM_GET_XSAVE2 :
+		  KVM_GET_XSAVE, st->xsave) < 0)
+		die("KVM_GET_XSAVE2");
+	st->cpuid->nent = 256;
+	if (ioctl(v->fd, KVM_GET_CPUID2, st->cpuid) < 0)
+		die("KVM_GET_CPUID2");
 	st->ok = 1;
+}
+
+static void json_hex(FILE *f, const char *name, const void *p, size_t n)
+{
+	fprintf(f, ", \"%s\": \"", name);
+	for (size_t i = 0; i < n; i++)
+		fprintf(f, "%02x", ((const uint8_t *)p)[i]);
+	fprintf(f, "\"");
 }
 
 static void json_seg(FILE *f, const char *name, const struct kvm_segment *s)
@@ -427,6 +462,21 @@ void json_state(FILE *f, const struct vcpu_state *st)
 	for (unsigned i = 0; i < st->msrs.hdr.nmsrs; i++)
 		fprintf(f, "%s{\"index\": %u, \"value\": %llu}", i ? ", " : "", st->msrs.e[i].index,
 			(unsigned long long)st->msrs.e[i].data);
+	fprintf(f, "]");
+	/* Raw structs, decoded by the tests with kvmnote.schema (the layout's one home). */
+	json_hex(f, "events_hex", &st->events, sizeof(st->events));
+	json_hex(f, "xsave_hex", st->xsave, st->xsave_size);
+	if (st->has_lapic)
+		json_hex(f, "lapic_hex", st->lapic.regs, sizeof(st->lapic.regs));
+	else
+		fprintf(f, ", \"lapic_hex\": null");
+	fprintf(f, ", \"cpuid\": [");
+	for (unsigned i = 0; i < st->cpuid->nent; i++) {
+		const struct kvm_cpuid_entry2 *e = &st->cpuid->entries[i];
+		fprintf(f, "%s{\"function\": %u, \"index\": %u, \"flags\": %u, \"eax\": %u, "
+			"\"ebx\": %u, \"ecx\": %u, \"edx\": %u}", i ? ", " : "", e->function,
+			e->index, e->flags, e->eax, e->ebx, e->ecx, e->edx);
+	}
 	fprintf(f, "]}");
 }
 

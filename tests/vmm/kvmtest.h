@@ -40,16 +40,19 @@ static inline uint64_t slot_pattern(uint32_t slot, uint64_t off)
 struct vm {
 	int kvm, fd;
 	int run_size;
+	int xsave_size;		/* KVM_CAP_XSAVE2, else sizeof(struct kvm_xsave) */
+	int irqchip;		/* KVM_CREATE_IRQCHIP done: LAPIC in the kernel */
 	void *mem[NR_SLOTS];
 };
 
 struct vcpu {
 	int fd, id;
+	struct vm *vm;
 	struct kvm_run *run;
 };
 
 void die(const char *fmt, ...) __attribute__((noreturn, format(printf, 1, 2)));
-void vm_create(struct vm *vm);
+void vm_create(struct vm *vm, int irqchip);
 void vm_setup_memory(struct vm *vm, enum mode mode);
 void vcpu_create(struct vm *vm, struct vcpu *v, int id);
 void vcpu_setup(struct vm *vm, struct vcpu *v, enum mode mode, int spin);
@@ -78,6 +81,12 @@ struct vcpu_state {
 		struct kvm_msrs hdr;
 		struct kvm_msr_entry e[NR_READ_MSRS];
 	} msrs;
+	struct kvm_vcpu_events events;
+	struct kvm_lapic_state lapic;	/* read when the VM has an irqchip */
+	int has_lapic;
+	int xsave_size;
+	uint8_t *xsave;			/* KVM_GET_XSAVE2 (or KVM_GET_XSAVE) */
+	struct kvm_cpuid2 *cpuid;	/* KVM_GET_CPUID2 */
 };
 void vcpu_read_state(struct vcpu *v, struct vcpu_state *st);
 void json_state(FILE *f, const struct vcpu_state *st);

@@ -1,20 +1,22 @@
 #!/bin/bash
-# Build the Debian 12 root filesystem the bcc tests boot in the emulated L1
-# machine: python3-bpfcc (bcc 0.26 + LLVM) and the few tools the test init
-# uses, as an ext4 image for virtio-blk. Made with mmdebstrap (no loop
+# Build the Debian 12 root filesystem of the emulated L1 machines that run real
+# userspace: python3-bpfcc (bcc 0.26 + LLVM) for the tracer's test, python3 with
+# pytest and kvmnote's dependencies for the scenario list in native mode, and
+# the few tools the init uses, as an ext4 image for virtio-blk. Made with mmdebstrap (no loop
 # mounts: mke2fs -d), cached under $KVMNOTE_CACHE/bpf-rootfs keyed by the
 # hash of this script; prints the image's path.
 #
-#   tests/bpf/rootfs.sh [--print]
+#   tests/harness/rootfs.sh [--print]
 set -euo pipefail
 
 cache=${KVMNOTE_CACHE:-$HOME/.cache/kvmnote}/bpf-rootfs
 mirror=${KVMNOTE_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 suite=bookworm
 # essential (dpkg, coreutils, tar...) + these; no apt, no systemd.
-packages=python3-bpfcc,xz-utils,gzip,busybox,kmod,procps,mount
+packages=python3-bpfcc,xz-utils,gzip,bzip2,busybox,kmod,procps,mount,\
+python3-pytest,python3-pyelftools,python3-construct,python3-zstandard,python3-lz4
 
-key=$(cat "$0" | sha256sum | cut -c1-16)
+key=$(sha256sum < "$0" | cut -c1-16)
 img=$cache/rootfs-$key.ext4
 if [ "${1:-}" = --print ]; then echo "$img"; exit 0; fi
 if [ -f "$img" ]; then echo "$img"; exit 0; fi
