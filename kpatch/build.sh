@@ -60,7 +60,6 @@ done
 
 hash_of() { cat "$@" | sha256sum | cut -c1-16; }
 src_hash=$(printf '%s\n' "$LINUX_DEB_VERSION" "$(stat -c %s "$tarball")" | sha256sum | cut -c1-16)
-series_hash=$(hash_of /dev/null "${series[@]}")
 tree=$cache/tree-$src_hash
 
 # The pristine source as a git repository (commit "base"), made once.
@@ -130,10 +129,10 @@ build() {
 }
 
 result_dir() {
-	local name=$1 h
+	local name=$1 h inputs=()
+	[ "$patched" = 1 ] && inputs=("${series[@]}")
 	h=$(hash_of "$here/configs/$basecfg.config" "$here/configs/$name.config" "$here/build.sh" \
-		<(echo "$src_hash $patched") \
-		$( [ "$patched" = 1 ] && printf '%s ' "${series[@]}"))
+		<(echo "$src_hash $patched") "${inputs[@]}")
 	echo "$cache/kernel/$([ "$patched" = 1 ] && echo patched || echo unpatched)-$name-$h"
 }
 
