@@ -18,8 +18,9 @@ packages=(
 	# kvmnote vmcore acceptance: crash reads a Linux 6.1 guest built from
 	# Debian's source (its crash 8.0.2 cannot read 6.12 guests)
 	crash linux-source-6.1
-	# the Python side
-	python3 python3-venv python3-pip
+	# the Python side; lz4 and jq: reading systemd-coredump's .lz4 cores and the
+	# JSON as jq 1.6 sees it; makedumpfile: vmcore --format kdump's dump levels
+	python3 python3-venv python3-pip lz4 jq makedumpfile
 	# CI's static checks: every shell script, the Vagrantfile (with its provider)
 	shellcheck vagrant vagrant-libvirt
 	# looking at cores by hand

@@ -287,3 +287,60 @@ def test_drgn_traces_equal_qemu_61(run61: dict) -> None:
     assert len(cpus) == 2 and any("comm=dd" in k for k in cpus), cpus
     idle = [v for k, v in cpus.items() if "comm=swapper" in k]
     assert idle and any("do_idle" in f for f in idle[0]), cpus
+
+
+# --- kvmnote vmcore --format kdump on the same cores ------------------------------------
+# crash 8.0.2 and drgn must give the same per-CPU traces from the kdump output as from the
+# ELF output of the same core, in every compression.
+
+KDUMP_ALGOS = ("zstd", "lzo", "snappy", "zlib")
+
+
+def kvmnote_vmcore(core: Path, out: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kvmnote", "vmcore", str(core), "-o",
+                           str(out), *args], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("scenario", ["paused", "running"])
+def test_drgn_traces_kdump_equal_elf(run: dict, tmp_path: Path, scenario: str) -> None:
+    core = run["out"] / f"{scenario}.core"
+    assert kvmnote_vmcore(core, tmp_path / "elf").returncode == 0
+    ref = drgn_traces(tmp_path / "elf", run["vmlinux"])
+    cpus = per_cpu(ref)
+    assert len(cpus) == 2 and all(cpus.values()), ref
+    for algo in KDUMP_ALGOS:
+        out = tmp_path / f"kdump.{algo}"
+        p = kvmnote_vmcore(core, out, "--format", "kdump", "--compress", algo)
+        assert p.returncode == 0, p.stderr
+        assert drgn_traces(out, run["vmlinux"]) == ref, algo
+    print(f"\ndrgn on the kdump output ({scenario}, all compressions):\n{ref}")
+
+
+def test_612_guest_refused_by_makedumpfile_1_7_2(run: dict, tmp_path: Path) -> None:
+    """-d 31 goes through makedumpfile, which must refuse a kernel it does not know."""
+    need(shutil.which("makedumpfile") is not None, "makedumpfile not installed")
+    out = subprocess.run(["makedumpfile", "-v"], capture_output=True, text=True).stdout
+    need("1.7.2" in out, "this test knows Debian 12's makedumpfile 1.7.2 (no 6.12 support)")
+    p = kvmnote_vmcore(run["out"] / "paused.core", tmp_path / "k", "--format", "kdump",
+                       "-d", "31", "--compress", "lzo")
+    assert p.returncode == 2 and "does not know this guest's kernel version" in p.stderr
+    assert p.stderr.count("\n") == 1 and list(tmp_path.iterdir()) == []
+
+
+def test_crash_bt_kdump_equal_elf_61(run61: dict, tmp_path: Path) -> None:
+    core, vmlinux = run61["out"] / "paused.core", run61["vmlinux"]
+    assert kvmnote_vmcore(core, tmp_path / "elf").returncode == 0
+    ref = crash_output(vmlinux, tmp_path / "elf")
+    traces = crash_bt(ref)
+    assert len(traces) == 2 and all(traces.values()), ref
+    outs = {}
+    for algo in KDUMP_ALGOS:
+        out = tmp_path / f"kdump.{algo}"
+        assert kvmnote_vmcore(core, out, "--format", "kdump", "--compress", algo).returncode == 0
+        got = crash_output(vmlinux, out)
+        assert crash_bt(got) == traces, (algo, got)
+        outs[algo] = got
+    print(f"\ncrash bt -a on the kdump output (6.1 guest):\n{outs['zstd']}")
+    drgn_ref = drgn_traces(tmp_path / "elf", vmlinux)
+    assert drgn_traces(tmp_path / "kdump.zstd", vmlinux) == drgn_ref
+
