@@ -32,10 +32,11 @@ def as_schema2(obj):
     return obj
 
 
-def test_read_schema1_example():
+def test_read_example():
     r = kvmnote_read.read(EXAMPLE)
     assert r.rc == 0, r.text
-    assert r.data["schema"] == "kvmnote-read/1" and len(r.data["vcpus"]) == 2
+    assert r.data["schema"] == "kvmnote-read/2" and len(r.data["vcpus"]) == 2
+    assert isinstance(r.data["vcpus"][0]["regs"]["rip"], int)   # normalised from "0x..."
 
 
 def test_schema2_normalises_to_schema1_values():
