@@ -1,7 +1,7 @@
 """What bpf/kvmcoredump.py costs a VM: port-I/O exit rate with and without its BPF program.
 
 Boots the emulated SVM machine of the bcc test (kernel `kpatch/build.sh -c l1`, Debian root
-filesystem with python3-bpfcc from tests/bpf/rootfs.sh, QEMU TCG -cpu max). Inside, a VMM
+filesystem with python3-bpfcc from tests/harness/rootfs.sh, QEMU TCG -cpu max). Inside, a VMM
 whose only vCPU loops on `out %al,$0x80` (each iteration a VM exit, IOIO, and a KVM_EXIT_IO
 to user space) runs for the whole measurement and logs its exit count every 50 ms, while a
 helper loads the tool's own BPF program (kvmcoredump.bpf_text(), the same C and maps) and an
@@ -25,24 +25,23 @@ Run (root; QEMU, mmdebstrap, gcc, linux-source-6.12 as for tests/bpf):
 
     python tests/bench/bench_bpf_overhead.py [--windows 320] [--width 1]
 
-The machine is booted with the pieces of tests/bpf/test_kvmcoredump.py, imported, not
-copied; that harness is being refactored into one package, and this file should then take
-its boot helper from there.
+The machine is booted with the harness (tests/harness), as tests/bpf boots it.
 """
 
 import argparse
 import statistics
 import subprocess
 import sys
-import tarfile
 import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve()
 sys.path.insert(0, str(HERE.parents[1]))
-sys.path.insert(0, str(HERE.parents[1] / "bpf"))
-from testlib import L1_TSC  # noqa: E402
-from test_kvmcoredump import QEMU, REPO, build_kernel  # noqa: E402
+from harness import REPO  # noqa: E402
+from harness.kernel import kernel  # noqa: E402
+from harness.machines import qemu_available, run_qemu  # noqa: E402
+from harness.rootfs import debian_rootfs  # noqa: E402
+from harness.transfer import blank_disk, tar_disk, untar_disk  # noqa: E402
 
 # The VMM: one real-mode vCPU at 0 running `out %al,$0x80; jmp .-2` (e6 80 eb fc);
 # counts KVM_EXIT_IO for SECONDS, then prints "exits N seconds S".
@@ -172,36 +171,28 @@ def main() -> int:
     a = ap.parse_args()
     if a.report:
         return report(Path(a.report))
-    if QEMU is None:
+    if not qemu_available():
         sys.exit("bench_bpf_overhead: qemu-system-x86_64 not installed")
-    kernel = build_kernel()
-    rootfs = subprocess.run([str(REPO / "tests" / "bpf" / "rootfs.sh")], check=True,
-                            stdout=subprocess.PIPE, text=True).stdout.strip()
+    bzimage = kernel("-c", "l1")
+    rootfs = debian_rootfs()
     d = Path(tempfile.mkdtemp(prefix="bench-bpf-"))
     (d / "pio.c").write_text(PIO_VMM_C)
     subprocess.run(["gcc", "-O2", "-Wall", "-static", "-o", str(d / "pio"), str(d / "pio.c")],
                    check=True)
-    (d / "toggle.py").write_text(TOGGLE_PY)
-    (d / "run.sh").write_text(RUN_SH.format(windows=a.windows, width=a.width,
-                                            seconds=a.windows * a.width + 4))
-    with tarfile.open(d / "in.tar", "w") as t:
-        for name in ("pio", "toggle.py", "run.sh"):
-            t.add(d / name, name)
-        t.add(REPO / "bpf" / "kvmcoredump.py", "kvmcoredump.py")
-    with open(d / "out.img", "wb") as f:
-        f.truncate(64 << 20)
-    cmd = ["timeout", "1800", QEMU, "-accel", "tcg", "-cpu", "max",
-           "-smp", "2,sockets=2,cores=1,threads=1", "-m", "1024",
-           "-nographic", "-no-reboot", "-kernel", kernel,
-           "-append", "console=ttyS0 root=/dev/vda rw rootfstype=ext4 "
-                      "init=/sbin/kvmnote-init panic=-1 " + L1_TSC,
-           "-drive", f"file={rootfs},if=virtio,format=raw,snapshot=on",
-           "-drive", f"file={d / 'in.tar'},if=virtio,format=raw,readonly=on",
-           "-drive", f"file={d / 'out.img'},if=virtio,format=raw"]
-    with open(d / "console.log", "w") as log:
-        subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-    with tarfile.open(d / "out.img") as t:
-        t.extractall(d / "out")
+    tar_disk(d / "in.tar", {
+        "pio": d / "pio", "toggle.py": TOGGLE_PY.encode(),
+        "run.sh": RUN_SH.format(windows=a.windows, width=a.width,
+                                seconds=a.windows * a.width + 4).encode(),
+        "kvmcoredump.py": REPO / "bpf" / "kvmcoredump.py"})
+    blank_disk(d / "out.img", 64 << 20)
+    rc, timed_out = run_qemu(d, bzimage, None,
+                             "root=/dev/vda rw rootfstype=ext4 init=/sbin/kvmnote-init", 1800,
+                             memory=1024, disks=((rootfs, "snapshot"), (d / "in.tar", "ro"),
+                                                 (d / "out.img", "rw")))
+    if rc != 0 or timed_out:
+        sys.exit(f"bench_bpf_overhead: qemu exit {rc}{' (timed out)' if timed_out else ''}; "
+                 f"see {d / 'console.log'}")
+    untar_disk(d / "out.img", d / "out")
     return report(d)
 
 
