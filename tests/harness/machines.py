@@ -391,7 +391,7 @@ def run_native(work: Path, scenarios: list[Scenario], preamble: list[str],
 def boot(backend: str, variant: str, scenarios: list[Scenario], *, cmdline: str = "",
          preamble: list[str] | None = None, cpu: str | None = None,
          modules: bool = False, tag: str = "",
-         extra_files: dict[str, bytes] | None = None) -> BootResult:
+         extra_files: dict[str, bytes] | None = None, slow: float = 1) -> BootResult:
     """Run `scenarios` once on `backend` (svm, vmx: kernel `variant`; native: this one).
     extra_files (path -> content, executable) go into the initramfs machines, e.g. a
     selftest binary for a Scenario(command=...); natively the command names host paths."""
@@ -405,7 +405,7 @@ def boot(backend: str, variant: str, scenarios: list[Scenario], *, cmdline: str 
     work = RUNS / f"{name}-{time.strftime('%H%M%S')}-{os.getpid()}"
     work.mkdir(parents=True, exist_ok=True)
     base_t, per = BOOT_TIMEOUT[backend]
-    timeout = base_t + per * len(scenarios)
+    timeout = (base_t + per * len(scenarios)) * slow    # slow: e.g. a KASAN kernel
     t0 = time.monotonic()
     if backend == "native":
         vendor = native_vendor()
