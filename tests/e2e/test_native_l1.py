@@ -34,7 +34,9 @@ python3 -m pytest -p no:cacheprovider tests/e2e --native -m native -q -rfEX \\
 echo "pytest exit $?"
 tar -C /tmp/kvmnote-cache -cf /mnt/out/runs.tar --exclude=core e2e-runs   # logs, reports
 """
-SHIPPED = ("kvmnote", "tests/conftest.py", "tests/testlib.py", "tests/harness", "tests/e2e")
+# The cover letter tells the harness which series the kernel carries (kernel.KPATCH_V2).
+SHIPPED = ("kvmnote", "tests/conftest.py", "tests/testlib.py", "tests/harness", "tests/e2e",
+           "kpatch/0000-cover-letter.patch")
 
 
 @pytest.fixture(scope="module")
