@@ -113,7 +113,12 @@ def initramfs_init(scenarios: list[Scenario], preamble: list[str]) -> str:
         SEND_FILES_SH,
         "send_files /out",
         'echo "===KVMNOTE-DONE $(cut -d" " -f1 /proc/uptime)"',
-        "sleep 1",
+        # reboot -f drops what the serial port has not sent yet (seen under Bochs on a
+        # loaded host: the tail of a core and the DONE marker lost): wait until the
+        # UART's transmit count stops moving.
+        "tx() { grep -o 'tx:[0-9]*' /proc/tty/driver/serial 2>/dev/null | head -1; }",
+        'prev=x; cur=$(tx); while [ "$cur" != "$prev" ]; do prev=$cur; sleep 0.5; cur=$(tx); done',
+        "sleep 0.5",
         "reboot -f",
     ]
     return "\n".join(L) + "\n"
