@@ -95,7 +95,7 @@ def test_larger_header_size_newer_minor() -> None:
     assert vcpu.records["regs"] == VCPU["regs"]
 
 
-FUZZ = settings(max_examples=150, deadline=2000,
+FUZZ = settings(max_examples=150, deadline=None,  # time is not what these test; a loaded CI box is slow
                 suppress_health_check=[HealthCheck.too_slow])
 
 
