@@ -107,6 +107,7 @@ def test_series_v2_switch(tmp_path):
     (["--coredump-filter", "zz"], "--coredump-filter zz"),
     (["--close-vcpu-fd", "3", "--halt", "2"], "not a halted vCPU"),
     (["--irqchip", "--halt", "1"], "--irqchip"),
+    (["--nstuck", "257"], "--nstuck 257"), (["--halt", "1", "--nstuck", "256"], "too many"),
 ])
 def test_vmm_rejects_bad_arguments(tmp_path, args, msg):
     """Bad arguments: one line on stderr, exit 2, nothing run."""

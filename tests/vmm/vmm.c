@@ -4,13 +4,17 @@
  *
  *   vmm --report FILE [--mode real|pm32|long] [--halt N] [--spin N] [--idle N]
  *       [--seq] [--crash abort|segv|external] [--dup] [--foreign] [--stuck]
+ *       [--nstuck N]
  *       [--rlimit-core BYTES] [--nonkvm] [--timeout SEC] [--close-vcpu-fd ID]
  *       [--pidns] [--coredump-filter HEX] [--irqchip] [--twovms]
  *
  * vCPU ids are 0..halt-1 (run to `hlt`), then spinners (`jmp .`, IF=1), then
  * idle ones (created and set up, never run).  --stuck adds one more spinning
  * vCPU run by a clone(CLONE_VM|CLONE_FILES) child that is not in the thread
- * group, so it keeps vcpu->mutex while the process dumps core.  --foreign
+ * group, so it keeps vcpu->mutex while the process dumps core; --nstuck N adds
+ * N of them (--stuck is --nstuck 1; with --halt 0 every vCPU is busy).  They
+ * run SCHED_IDLE: they hold their vCPUs without taking CPU time from the dump
+ * (tests/bench/bench_hook.py times dumps with 256 of them).  --foreign
  * receives a vCPU fd (id 77) of a VM made by a forked child over SCM_RIGHTS.
  * --close-vcpu-fd ID: that (halted) vCPU's fd is closed and its kvm_run
  * unmapped before the crash.  --pidns: the VMM runs as pid 2 of a new pid
@@ -134,7 +138,9 @@ static void *spin_thread(void *arg)
 static int __attribute__((noreturn)) stuck_fn(void *arg)
 {
 	int i = (int)(long)arg;
+	struct sched_param idle = { 0 };
 	prctl(PR_SET_PDEATHSIG, SIGKILL);
+	sched_setscheduler(0, SCHED_IDLE, &idle);
 	for (;;)
 		ioctl(vcpus[i].fd, KVM_RUN, 0);
 }
@@ -292,6 +298,7 @@ int main(int argc, char **argv)
 		else if (ARG("--halt")) nhalt = num(o, val, 0, MAX_VCPUS, 10);
 		else if (ARG("--spin")) nspin = num(o, val, 0, MAX_VCPUS, 10);
 		else if (ARG("--idle")) nidle = num(o, val, 0, MAX_VCPUS, 10);
+		else if (ARG("--nstuck")) stuck = num(o, val, 0, MAX_VCPUS, 10);
 		else if (ARG("--crash")) {
 			crash = val;
 			if (strcmp(val, "abort") && strcmp(val, "segv") && strcmp(val, "external")) {
