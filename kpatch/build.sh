@@ -2,6 +2,7 @@
 # Apply the kvmnote series to Debian's linux-source-6.12 and build test kernels.
 #
 #   kpatch/build.sh [-n] [-c CONFIG]... [--base BASE] [--bisect] [--checkpatch]
+#   kpatch/build.sh --selftest
 #
 #   -c CONFIG     build kernel CONFIG (a name under kpatch/configs/ besides
 #                 base, e.g. "modules" or "debug"; "base" is the minimal one).
@@ -13,6 +14,8 @@
 #   --bisect      build the base config after every patch of the series.
 #   --checkpatch  run scripts/checkpatch.pl --strict on every patch.
 #   --print       print the paths the kernels would have, build nothing.
+#   --selftest    build the series' KVM selftest (x86_64/coredump_test),
+#                 statically linked, and print "selftest PATH" instead.
 #
 # Nothing is fetched from the network. Results are cached under
 # $KVMNOTE_CACHE (default ~/.cache/kvmnote), keyed by the hash of their inputs
@@ -32,6 +35,7 @@ patched=1
 bisect=0
 checkpatch=0
 print_only=0
+selftest=0
 basecfg=base
 while [ $# -gt 0 ]; do
 	case "$1" in
@@ -41,7 +45,8 @@ while [ $# -gt 0 ]; do
 	--bisect) bisect=1; shift ;;
 	--checkpatch) checkpatch=1; shift ;;
 	--print) print_only=1; shift ;;
-	-h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+	--selftest) selftest=1; shift ;;
+	-h|--help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
 	*) echo "build.sh: unknown argument: $1 (try --help)" >&2; exit 2 ;;
 	esac
 done
@@ -52,10 +57,16 @@ log() { echo "build.sh: $*" >&2; }
 
 [ -r "$tarball" ] || die "$tarball missing: apt-get install linux-source-6.12"
 series=()
+kernel_series=()
 shopt -s nullglob
 for p in "$here"/0*.patch; do
 	case "$p" in *0000-cover-letter.patch) continue ;; esac
 	series+=("$p")
+	# Patches that touch only tools/ or Documentation/ do not change a
+	# kernel: they are left out of the kernels' cache key.
+	if grep '^diff --git ' "$p" | grep -qv '^diff --git a/\(tools\|Documentation\)/'; then
+		kernel_series+=("$p")
+	fi
 done
 
 hash_of() { cat "$@" | sha256sum | cut -c1-16; }
@@ -130,11 +141,37 @@ build() {
 
 result_dir() {
 	local name=$1 h inputs=()
-	[ "$patched" = 1 ] && inputs=("${series[@]}")
+	[ "$patched" = 1 ] && inputs=("${kernel_series[@]}")
 	h=$(hash_of "$here/configs/$basecfg.config" "$here/configs/$name.config" "$here/build.sh" \
 		<(echo "$src_hash $patched") "${inputs[@]}")
 	echo "$cache/kernel/$([ "$patched" = 1 ] && echo patched || echo unpatched)-$name-$h"
 }
+
+# The KVM selftest of the series, statically linked so that it runs in the
+# test machines' busybox initramfs; keyed by the whole series.
+if [ "$selftest" = 1 ]; then
+	res=$cache/selftest/coredump_test-$(hash_of "$here/build.sh" <(echo "$src_hash") "${series[@]}")
+	if [ "$print_only" = 0 ] && [ ! -x "$res" ]; then
+		mkdir -p "$cache/selftest"
+		exec 9>"$cache/.build.lock"
+		flock 9
+		prepare_tree
+		checkout 1
+		sdir=$cache/build-selftest
+		rm -rf "$sdir"
+		log "building the KVM selftest in $sdir"
+		make -s -C "$tree" O="$sdir/hdr" INSTALL_HDR_PATH="$sdir/hdr/usr" \
+			headers_install >&2
+		make -s -C "$tree/tools/testing/selftests/kvm" OUTPUT="$sdir/out" \
+			KHDR_INCLUDES="-isystem $sdir/hdr/usr/include" \
+			LDFLAGS="-static -pthread" "$sdir/out/x86_64/coredump_test" >&2 ||
+			die "the KVM selftest does not build"
+		cp "$sdir/out/x86_64/coredump_test" "$res.tmp"
+		mv "$res.tmp" "$res"
+	fi
+	echo "selftest $res"
+	exit 0
+fi
 
 if [ "$print_only" = 1 ]; then
 	for name in "${configs[@]}"; do
