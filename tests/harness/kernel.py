@@ -51,6 +51,11 @@ def kernel(*args: str, env: dict[str, str] | None = None) -> Path:
     return Path(lines[-1])
 
 
+def selftest() -> Path:
+    """The series' KVM selftest (x86_64/coredump_test), static, from `build.sh --selftest`."""
+    return kernel("--selftest")
+
+
 def variant(name: str) -> Path:
     """Named variants: 'patched', 'unpatched', 'patched-modules', 'patched-debug', ...
     (patched-CONFIG: build.sh -c CONFIG; unpatched: build.sh -n)."""

@@ -38,4 +38,4 @@ def test_series_checkpatch_and_bisect():
 
 def test_cover_letter_names_every_patch_count():
     cover = (REPO / "kpatch" / "0000-cover-letter.patch").read_text()
-    assert re.search(rf"\[PATCH( v\d+)? 0/{len(patches())}\]", cover), cover[:400]
+    assert re.search(rf"\[PATCH( v\d+)? 0+/{len(patches())}\]", cover), cover[:400]
