@@ -107,6 +107,7 @@ def test_series_v2_switch(tmp_path):
     (["--coredump-filter", "zz"], "--coredump-filter zz"),
     (["--close-vcpu-fd", "3", "--halt", "2"], "not a halted vCPU"),
     (["--irqchip", "--halt", "1"], "--irqchip"),
+    (["--smm", "--halt", "0", "--spin", "1"], "--smm"),
 ])
 def test_vmm_rejects_bad_arguments(tmp_path, args, msg):
     """Bad arguments: one line on stderr, exit 2, nothing run."""
