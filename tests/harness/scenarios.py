@@ -19,7 +19,6 @@ class Spec:
     crash: str = "abort"    # abort (SIGABRT), segv (a vCPU thread), external (kill -SEGV)
     rlimit: int | None = None
     vms: int = 1            # VMs in the process
-    v2: bool = False        # needs kernel series v2: expected to fail on v1 (xfail strict)
     smm: tuple[int, ...] = ()   # vcpu_ids that took an SMI (--smm: SMRAM in address space 1)
     backends: tuple[str, ...] = ("svm", "vmx", "native")
 
@@ -71,11 +70,10 @@ SPECS = [
     # vCPU 1 outside SMM. Needs KVM_CAP_MULTI_ADDRESS_SPACE > 1 (CONFIG_KVM_SMM).
     _s("smm", ["--halt", "2", "--smm"], kinds=[H, H], smm=(0,)),
     # Kernel series v2 (issue 8).
-    _s("closedfd", ["--halt", "2", "--close-vcpu-fd", "1"], kinds=[H, H], v2=True),
-    _s("pidns", ["--halt", "2", "--pidns"], kinds=[H, H], v2=True),
-    _s("policy_off", ["--halt", "1", "--coredump-filter", "0x33"], kinds=[H], notes="none",
-       v2=True),
-    _s("policy_always", ["--halt", "1", "--coredump-filter", "0x33"], kinds=[H], v2=True,
+    _s("closedfd", ["--halt", "2", "--close-vcpu-fd", "1"], kinds=[H, H]),
+    _s("pidns", ["--halt", "2", "--pidns"], kinds=[H, H]),
+    _s("policy_off", ["--halt", "1", "--coredump-filter", "0x33"], kinds=[H], notes="none"),
+    _s("policy_always", ["--halt", "1", "--coredump-filter", "0x33"], kinds=[H],
        pre=[f"echo 2 > {CPARAM}", f"cat {CPARAM} > @OUT@/policy_always/param.txt"],
        post=[f"echo 1 > {CPARAM}"]),
 ]

@@ -13,7 +13,6 @@ import pytest
 
 from harness import REPO, kvmnote_read
 from harness.cpio import Cpio
-from harness.kernel import series_v2
 from harness.transfer import SEND_FILES_SH, parse_console
 from harness.vmm import build_vmm
 from testlib import need
@@ -90,15 +89,6 @@ def test_serial_transfer_round_trip(tmp_path):
     bad = "\n".join(lines[:1] + ["A" + lines[1][1:]] + lines[2:])  # one corrupted line
     got, errors = parse_console(bad)
     assert len(errors) == 1 and len(got) == len(files) - 1
-
-
-def test_series_v2_switch(tmp_path):
-    cover = tmp_path / "cover.patch"
-    cover.write_text("From x\nSubject: [PATCH 0/8] KVM: x86: vCPU state in core dumps\n")
-    assert not series_v2(cover)
-    cover.write_text("From x\nSubject: [PATCH v2 0/9] KVM: x86: vCPU state in core dumps\n")
-    assert series_v2(cover)
-    assert not series_v2(tmp_path / "missing")
 
 
 @pytest.mark.parametrize("args,msg", [
