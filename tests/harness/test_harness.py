@@ -13,7 +13,8 @@ import pytest
 
 from harness import REPO, kvmnote_read
 from harness.cpio import Cpio
-from harness.transfer import SEND_FILES_SH, parse_console
+from harness.machines import HarnessError, _chs
+from harness.transfer import SEND_FILES_SH, parse_console, tar_disk
 from harness.vmm import build_vmm
 from testlib import need
 
@@ -108,3 +109,26 @@ def test_vmm_rejects_bad_arguments(tmp_path, args, msg):
     assert p.returncode == 2, (p.returncode, p.stderr)
     assert msg in p.stderr and p.stderr.count("\n") == 1, p.stderr
     assert not (tmp_path / "r.json").exists()
+
+
+def test_bochs_disk_geometry(tmp_path):
+    """Bochs sizes an ATA disk by its geometry: it must cover the image exactly."""
+    for size in (1789919232, 256 << 20, 1 << 20):     # the rootfs seen here, out.img, in.tar
+        img = tmp_path / "d.img"
+        img.write_bytes(b"")
+        with open(img, "r+b") as f:
+            f.truncate(size)
+        c, h, s = _chs(img)
+        assert c * h * s * 512 == size and h <= 16 and s <= 63 and c <= 65535
+    with open(img, "r+b") as f:
+        f.truncate(512 * 65537 * 3)     # 3 * a prime: no geometry of at most 16 x 63
+    with pytest.raises(HarnessError):
+        _chs(img)
+
+
+def test_tar_disk_whole_mib(tmp_path):
+    disk = tar_disk(tmp_path / "in.tar", {"a": b"x" * 3000})
+    assert disk.stat().st_size == 1 << 20
+    import tarfile
+    with tarfile.open(disk) as t:
+        assert t.getnames() == ["a"] and t.extractfile("a").read() == b"x" * 3000
