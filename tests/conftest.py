@@ -26,8 +26,6 @@ MARKERS = {
 def pytest_addoption(parser):
     parser.addoption("--native", action="store_true",
                      help="run the native-backend tests on this machine's /dev/kvm")
-    parser.addoption("--bpf-vmx", action="store_true",
-                     help="also run the bpf tier under Bochs (Intel VMX; too slow for CI)")
 
 
 def pytest_configure(config):
