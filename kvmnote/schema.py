@@ -167,6 +167,7 @@ kvm_vcpu_events = Struct(
     "triple_fault" / Struct("pending" / Int8ul),
     "reserved" / Bytes(26), "exception_has_payload" / Int8ul,
     "exception_payload" / Int64ul)
+KVM_VCPUEVENT_VALID_SMM = 0x8  # kvm_vcpu_events.flags: the smi fields are valid
 
 kvm_mp_state = Struct("mp_state" / Int32ul)
 

@@ -406,6 +406,22 @@ def _ram_slots(core: Core, vm: Vm) -> list[tuple[int, int, int]]:
     return slots
 
 
+def _smm_warnings(cpus: list[tuple[int, Vcpu]]) -> list[str]:
+    """A vmcore holds address space 0, the guest's normal view of memory, as QEMU's
+    dump-guest-memory: SMRAM (as_id 1 memslots, which may overlap normal RAM) is left
+    out. A vCPU that was in SMM then has its SMM handler's registers, and the state it
+    left is in SMRAM: say so."""
+    out = []
+    for cpu, v in cpus:
+        events = v.records.get("events")
+        if events is not None and events["flags"] & S.KVM_VCPUEVENT_VALID_SMM \
+                and events["smi"]["smm"]:
+            out.append(f"vCPU {v.vcpu_id} (CPU {cpu}) was in SMM: its registers are its SMM "
+                       f"handler's; the state it left is in SMRAM (address space 1), which "
+                       f"a vmcore leaves out")
+    return out
+
+
 def _cpu_notes(cpus: list[tuple[int, Vcpu]], allow_partial: bool, result: Result) -> bytes:
     """All NT_PRSTATUS notes, then all QEMU notes, in CPU order."""
     states: list[tuple[int, Vcpu | None]] = []
@@ -460,7 +476,7 @@ def write_vmcore(core_path: str, out_path: str, *, vm_index: int | None = None,
             raise KvmnoteError(f"{core.path}: VM {vm.vm_index} has no vCPU notes")
         cpus = assign_cpus(vm.vcpus, cpu_map)
         result = Result([(c, v.vcpu_id) for c, v in cpus], [(g, s) for g, s, _ in slots])
-        result.warnings += core.warnings
+        result.warnings += core.warnings + _smm_warnings(cpus)
         cpu_notes = _cpu_notes(cpus, allow_partial, result)
         info_room = len(_note(S.VMCOREINFO_NOTE_NAME, 0,
                               vmcoreinfo if vmcoreinfo is not None else bytes(VMCOREINFO_MAX)))

@@ -19,7 +19,6 @@ from harness import expected as X
 from harness.boots import get_boot
 from harness.checks import (check_ioctl_matches_intent, check_scenario, ctx, no_kvm_notes,
                             scenario_files)
-from harness.kernel import KPATCH_V2
 from harness.kvmnote_read import notes
 from harness.scenarios import (BY_NAME, SPECS, TRACE_NAMES, TRACE_PREAMBLE, UNPATCHED,
                                UNPATCHED_KVM)
@@ -27,20 +26,16 @@ from harness.scenarios import (BY_NAME, SPECS, TRACE_NAMES, TRACE_PREAMBLE, UNPA
 BACKENDS = {"svm": pytest.mark.svm, "vmx": pytest.mark.vmx, "native": pytest.mark.native}
 EMULATED = [pytest.param(b, marks=BACKENDS[b], id=b) for b in ("svm", "vmx")]
 ALL = EMULATED + [pytest.param("native", marks=pytest.mark.native, id="native")]
-V2_XFAIL = pytest.mark.xfail(not KPATCH_V2, strict=True,
-                             reason="needs kernel series v2 (kpatch/ holds v1)")
 
 
-def scenario_params(names=None, xfail_v2=True):
-    """(backend, name) for every scenario on every backend that can run it; the v2
-    scenarios are expected to fail (strictly) until kpatch/ holds v2."""
+def scenario_params(names=None):
+    """(backend, name) for every scenario on every backend that can run it."""
     out = []
     for s in SPECS:
         if names is not None and s.name not in names:
             continue
         for b in s.backends:
-            marks = [BACKENDS[b]] + ([V2_XFAIL] if s.v2 and xfail_v2 else [])
-            out.append(pytest.param(b, s.name, marks=marks, id=f"{b}-{s.name}"))
+            out.append(pytest.param(b, s.name, marks=[BACKENDS[b]], id=f"{b}-{s.name}"))
     return out
 
 
@@ -80,8 +75,7 @@ def test_scenario(backend, name):
     check_scenario(get_boot(backend), name)
 
 
-@pytest.mark.parametrize("backend,name", scenario_params(
-    [s.name for s in SPECS if s.kinds and (KPATCH_V2 or not s.v2)], xfail_v2=False))
+@pytest.mark.parametrize("backend,name", scenario_params([s.name for s in SPECS if s.kinds]))
 def test_ioctl_matches_intent(backend, name):
     """The VMM's own ioctls return what it meant to set (the tests' premise)."""
     check_ioctl_matches_intent(get_boot(backend), name)

@@ -7,9 +7,13 @@ are ignored, never an error."""
 from __future__ import annotations
 
 import json
+import tempfile
+from pathlib import Path
 
 from kvmnote import decode as D
 from kvmnote import schema as S
+from kvmnote.vmcore import write_vmcore
+from testlib import need
 
 from . import corefile
 from . import expected as X
@@ -73,9 +77,9 @@ def check_sregs(got, mode, where, xsave=True):
     want = X.sregs(mode, xsave)
     for seg in X.SEG_NAMES:
         for k, v in want[seg].items():
-            if mode == "real" and (seg, k) == ("cs", "type"):
+            if mode in ("real", "smm") and (seg, k) == ("cs", "type"):
                 # real-mode CS attributes carry no meaning: the VMX VM exit
-                # (Bochs) stores CS as a data segment (type 3).
+                # (Bochs) stores CS as a data segment (type 3), as SMM entry sets it.
                 assert got[seg][k] in X.REAL_CS_TYPES, f"{where}: cs.type {got[seg][k]}"
                 continue
             assert got[seg][k] == v, f"{where}: {seg}.{k} = {got[seg][k]:#x}, want {v:#x}"
@@ -94,15 +98,16 @@ def check_ioctl_matches_intent(boot, name):
         if v["ioctl"] is None:
             continue
         vid, st = v["vcpu_id"], v["ioctl"]
+        mode = spec.mode_of(vid)
         where = f"{boot.backend} {name} vcpu {vid} (ioctl)"
-        assert st["regs"] == X.regs(spec.mode, vid, v["kind"]), where
-        check_sregs(st["sregs"], spec.mode, where, report.get("xsave", True))
-        assert st["debugregs"]["db"] == X.debugregs(vid)["db"], where
-        assert st["debugregs"]["dr7"] == X.debugregs(vid)["dr7"], where
+        assert st["regs"] == X.regs(mode, vid, v["kind"]), where
+        check_sregs(st["sregs"], mode, where, report.get("xsave", True))
+        assert st["debugregs"]["db"] == X.debugregs(vid, mode)["db"], where
+        assert st["debugregs"]["dr7"] == X.debugregs(vid, mode)["dr7"], where
         if report.get("xsave", True):
             assert {"xcr": 0, "value": X.XCR0} in st["xcrs"], where
         got = {m["index"]: m["value"] for m in st["msrs"]}
-        for idx, val in X.msrs(spec.mode, vid).items():
+        for idx, val in X.msrs(mode, vid).items():
             assert got.get(idx) == val, f"{where}: MSR {idx:#x} = {got.get(idx)!r}, want {val:#x}"
 
 
@@ -191,22 +196,67 @@ def check_positive(boot, name):
         assert vm["nr_vcpus"] == len(spec.kinds), f"{w}: nr_vcpus {vm['nr_vcpus']}"
         assert vm["pid"] == report["pid"], f"{w}: VM pid {vm['pid']} want {report['pid']}"
         rslots = (report.get("vms") or [{"memslots": report["memslots"]}])[k]["memslots"]
+        intent = X.memslots(bool(spec.smm))
+        told = [(s["as_id"], s["slot"], s["flags"], s["guest_phys_addr"], s["memory_size"])
+                for s in rslots]
+        assert told == intent, f"{w}: the VMM reports memslots {told}, want {intent}"
         got_slots = sorted((s["as_id"], s["slot"], s["flags"], s["guest_phys_addr"],
                             s["memory_size"], s["userspace_addr"]) for s in vm["memslots"])
-        want_slots = sorted((0, sl, fl, gpa, size, r["userspace_addr"])
-                            for (sl, fl, gpa, size), r in zip(X.MEMSLOTS, rslots))
+        want_slots = sorted((*x, r["userspace_addr"]) for x, r in zip(intent, rslots))
         assert got_slots == want_slots, f"{w}: memslots\n got {got_slots}\nwant {want_slots}"
-        assert vm["nr_memslots"] == len(X.MEMSLOTS)
+        assert vm["nr_memslots"] == len(intent)
         for sl, _, gpa, size in X.PATTERN_SLOTS:
             data = corefile.guest_read(core, vm["memslots"], gpa, size)
             assert data is not None, f"{w}: slot {sl} (GPA {gpa:#x}) not in the core"
             want = b"".join(X.slot_pattern(sl, o).to_bytes(8, "little") for o in range(0, size, 8))
             assert data == want, f"{w}: slot {sl} memory differs from the pattern"
         assert corefile.guest_read(core, vm["memslots"], X.GPA_HLT, 1) == b"\xf4"
+        if spec.smm:
+            check_smram(core, vm["memslots"], w)
         vcpus = [v for v in notes["vcpus"] if v["vm_index"] == vm["vm_index"]]
         rep = {v["vcpu_id"]: v for v in report["vcpus"] if v.get("vm", 0) == k}
         check_vcpus(boot, spec, vm, vcpus, rep, core, tids, w, report.get("xsave", True))
     return notes
+
+
+# The AMD64 SMM state-save map (AMD APM vol. 2, table 10-2), which KVM writes for a
+# vCPU with long mode in its CPUID: offsets from SMBASE, 8 bytes each.
+SMRAM_SAVE = {"efer": (0xFED0, 8), "smbase": (0xFF00, 4), "cr3": (0xFF50, 8),
+              "rip": (0xFF78, 8)}
+
+
+def check_smram(core, memslots, where):
+    """SMRAM as address space 1 maps it: the handler the VMM put there, the flag the
+    handler set (so the vCPU ran it from address space 1), the state KVM saved on the
+    SMI (vCPU 0 took it before its first instruction: at GPA_HLT, in long mode).
+    Address space 0 has no memory there."""
+    smram = [s for s in memslots if s["as_id"] == 1]
+    base = X.SMBASE
+
+    def rd(off, n):
+        return corefile.guest_read(core, smram, base + off, n, as_id=1)
+    assert rd(0x8000, len(X.SMM_HANDLER)) == X.SMM_HANDLER, \
+        f"{where}: SMRAM (as_id 1) at {base + 0x8000:#x} is not the SMM handler"
+    assert rd(X.SMM_FLAG - base, 1) == b"\x01", f"{where}: the SMM handler never ran"
+    saved = {k: int.from_bytes(rd(off, n) or b"", "little") for k, (off, n) in SMRAM_SAVE.items()}
+    want = {"efer": X.sregs("long")["efer"], "smbase": base, "cr3": X.sregs("long")["cr3"],
+            "rip": X.GPA_HLT}
+    assert saved == want, \
+        f"{where}: SMM state-save area {saved}, want {want}"
+    assert corefile.guest_read(core, memslots, X.SMM_FLAG, 1) is None, \
+        f"{where}: SMRAM readable through address space 0"
+
+
+def check_vmcore_leaves_out_smram(core_path, where):
+    """`kvmnote vmcore` writes address space 0 only and says what it left out."""
+    with tempfile.TemporaryDirectory() as d:
+        res = write_vmcore(str(core_path), str(Path(d) / "vmcore"))
+    ram = sorted(res.ram)
+    want = sorted((gpa, size) for _, _, gpa, size in X.MEMSLOTS)
+    assert ram == want, f"{where}: vmcore RAM {ram}, want the as_id 0 slots {want}"
+    text = "\n".join(res.warnings)
+    assert "address space 1" in text and "in SMM" in text, \
+        f"{where}: vmcore warnings do not mention SMRAM and the vCPU in SMM: {res.warnings}"
 
 
 def check_vcpus(boot, spec, vm, vcpus, rep, core, tids, where0, xsave=True):
@@ -216,7 +266,8 @@ def check_vcpus(boot, spec, vm, vcpus, rep, core, tids, where0, xsave=True):
     byid = {v["vcpu_id"]: v for v in vcpus}
     for vid, kind in enumerate(spec.kinds):
         n, r = byid[vid], rep[vid]
-        where = f"{where0} vcpu {vid} ({kind})"
+        mode = spec.mode_of(vid)
+        where = f"{where0} vcpu {vid} ({kind}{', in SMM' if mode == 'smm' else ''})"
         assert n["vendor"] == boot.vendor, f"{where}: vendor {n['vendor']}"
         assert n["vcpu_idx"] == vid, f"{where}: vcpu_idx {n['vcpu_idx']}"
         status = set(n["status"])
@@ -232,13 +283,19 @@ def check_vcpus(boot, spec, vm, vcpus, rep, core, tids, where0, xsave=True):
             assert n["tid"] == r["tid"], f"{where}: tid {n['tid']}, want {r['tid']}"
             assert n["tid"] in tids, f"{where}: tid {n['tid']} is no thread of the core {tids}"
         # 1. intended values
-        for k, v in X.regs(spec.mode, vid, kind).items():
+        for k, v in X.regs(mode, vid, kind).items():
             assert n["regs"][k] == v, f"{where}: {k} = {n['regs'][k]:#x}, want {v:#x}"
-        check_sregs(n["sregs"], spec.mode, where, xsave)
-        assert n["debugregs"]["db"] == X.debugregs(vid)["db"], f"{where}: db {n['debugregs']}"
-        assert n["debugregs"]["dr7"] == X.debugregs(vid)["dr7"], f"{where}: dr7 {n['debugregs']}"
+        check_sregs(n["sregs"], mode, where, xsave)
+        dregs = X.debugregs(vid, mode)
+        assert n["debugregs"]["db"] == dregs["db"], f"{where}: db {n['debugregs']}"
+        assert n["debugregs"]["dr7"] == dregs["dr7"], f"{where}: dr7 {n['debugregs']}"
+        if spec.smm:
+            smi = n["events"]["smi"]
+            assert (smi["smm"], smi["pending"]) == (int(mode == "smm"), 0) and \
+                n["events"]["flags"] & S.KVM_VCPUEVENT_VALID_SMM, \
+                f"{where}: vcpu_events smi {smi}, flags {n['events']['flags']:#x}"
         got_msrs = {m["index"]: m["value"] for m in n["msrs"]}
-        for idx, val in X.msrs(spec.mode, vid).items():
+        for idx, val in X.msrs(mode, vid).items():
             assert got_msrs.get(idx) == val, \
                 f"{where}: MSR {idx:#x} = {got_msrs.get(idx)!r}, want {val:#x}"
         assert got_msrs.get(X.MSR["APIC_BASE"]) == n["sregs"]["apic_base"], where
@@ -264,7 +321,7 @@ def check_vcpus(boot, spec, vm, vcpus, rep, core, tids, where0, xsave=True):
         # 3. the last VM exit, as the detected vendor writes it
         if kind != "never_ran":
             assert n.get("exit"), f"{where}: no last-exit record"
-            ok, why = exit_ok(boot.vendor, kind, n["exit"], spec.mode)
+            ok, why = exit_ok(boot.vendor, kind, n["exit"], mode)
             assert ok, f"{where}: {why}"
         if kind in ("spinning", "stuck"):
             flag = corefile.guest_read(core, vm["memslots"], X.GPA_FLAGS + 8 * vid, 8)
@@ -301,6 +358,8 @@ def check_scenario(boot, name):
         no_kvm_notes(boot, name)
     elif spec.notes == "kvm":
         check_positive(boot, name)
+        if spec.smm:
+            check_vmcore_leaves_out_smram(boot.path(name, "core"), f"{boot.backend} {name}")
     else:  # truncated: ran and dumped (test_small_rlimit_core looks at the core)
         scenario_files(boot, name)
     if name == "policy_always":

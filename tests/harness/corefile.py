@@ -63,10 +63,12 @@ class Core:
 from kvmnote.schema import NT_KVM_VCPU, NT_KVM_VM  # noqa: E402,F401
 
 
-def guest_read(core: Core, memslots: list[dict], gpa: int, size: int) -> bytes | None:
-    """Guest-physical memory through a memslot map and the core's PT_LOADs."""
+def guest_read(core: Core, memslots: list[dict], gpa: int, size: int,
+               as_id: int = 0) -> bytes | None:
+    """Guest-physical memory of address space `as_id` (1: SMM) through a memslot map
+    and the core's PT_LOADs."""
     for s in memslots:
-        if s.get("as_id", 0) == 0 and s["guest_phys_addr"] <= gpa and \
+        if s.get("as_id", 0) == as_id and s["guest_phys_addr"] <= gpa and \
                 gpa + size <= s["guest_phys_addr"] + s["memory_size"]:
             return core.read(s["userspace_addr"] + gpa - s["guest_phys_addr"], size)
     return None

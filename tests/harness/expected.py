@@ -22,6 +22,20 @@ MEMSLOTS = [
 ]
 PATTERN_SLOTS = [s for s in MEMSLOTS if s[0] != 0]
 
+# --smm: SMRAM, slot 0 of address space 1 (the VMM's slot id (1 << 16) | 0), at the
+# SMBASE of a vCPU after RESET. An SMI saves the vCPU's state at SMBASE + 0xfe00 and
+# enters SMBASE + 0x8000 (Intel SDM vol. 3 ch. 32, AMD APM vol. 2 ch. 10), where the
+# VMM put: mov byte [cs:0x8100], 1; hlt; jmp back to the hlt.
+SMRAM = (1, 0, 0, 0x30000, 0x10000)     # (as_id, slot, flags, guest_phys_addr, memory_size)
+SMBASE = 0x30000
+SMM_HANDLER = bytes([0x2E, 0xC6, 0x06, 0x00, 0x81, 0x01, 0xF4, 0xEB, 0xFD])
+SMM_FLAG = SMBASE + 0x8100
+
+
+def memslots(smm: bool = False) -> list[tuple[int, int, int, int, int]]:
+    """(as_id, slot, flags, guest_phys_addr, memory_size) of every slot the VMM adds."""
+    return [(0, *s) for s in MEMSLOTS] + ([SMRAM] if smm else [])
+
 
 def slot_pattern(slot: int, off: int) -> int:
     return (0x51 << 56) | (slot << 48) | off
@@ -34,7 +48,13 @@ def gpr(mode: str, vcpu_id: int, k: int) -> int:
 
 
 def regs(mode: str, vcpu_id: int, kind: str) -> dict:
-    """kvm_regs at the known stop point of a vCPU of this kind."""
+    """kvm_regs at the known stop point of a vCPU of this kind. Mode "smm": a
+    long-mode vCPU that took an SMI: SMM entry keeps the GPRs, sets RFLAGS to 2
+    and IP to 0x8000; it stopped after the handler's hlt."""
+    if mode == "smm":
+        r = regs("long", vcpu_id, "halted")
+        r["rip"], r["rflags"] = 0x8000 + SMM_HANDLER.index(0xF4) + 1, 0x2
+        return r
     r = {n: gpr(mode, vcpu_id, k) for k, n in enumerate(GPR_NAMES)}
     if kind in ("spinning", "stuck"):
         r["rbx"] = GPA_FLAGS + 8 * vcpu_id
@@ -53,6 +73,16 @@ def _seg(sel, base, limit, type_, s, db, l, g):
 
 
 def sregs(mode: str, xsave: bool = True) -> dict:
+    if mode == "smm":
+        # SMM entry from long mode: CS = SMBASE >> 4 : SMBASE, the data segments flat
+        # at 0, all 4 GiB 16-bit data segments; CR0 without PE EM TS PG; CR4, EFER,
+        # IDT 0; GDTR, TR, LDTR, CR2, CR3 untouched.
+        d = sregs("long", xsave)
+        flat = _seg(0, 0, 0xffffffff, 0x3, 1, 0, 0, 1)
+        d.update(cs=_seg(SMBASE >> 4, SMBASE, 0xffffffff, 0x3, 1, 0, 0, 1),
+                 ds=flat, es=flat, fs=flat, gs=flat, ss=flat, idt={"base": 0, "limit": 0},
+                 cr0=0x80050033 & ~0x8000000D, cr4=0, efer=0)
+        return d
     if mode == "real":
         d = {
             "cs": _seg(0x0100, 0x1000, 0xffff, 0xb, 1, 0, 0, 0),
@@ -102,9 +132,10 @@ def sregs(mode: str, xsave: bool = True) -> dict:
 REAL_CS_TYPES = {0x3, 0xb}
 
 
-def debugregs(vcpu_id: int) -> dict:
+def debugregs(vcpu_id: int, mode: str = "long") -> dict:
+    """SMM entry clears DR7 (to its fixed bit 10)."""
     return {"db": [0x7f0008000000 | (vcpu_id << 16) | (i << 8) for i in range(4)],
-            "dr6": 0xffff0ff0, "dr7": 0xdddd0455}
+            "dr6": 0xffff0ff0, "dr7": 0x400 if mode == "smm" else 0xdddd0455}
 
 
 XCR0 = 0x3

@@ -19,19 +19,6 @@ def series_present() -> bool:
     return any(p.name != COVER.name for p in (REPO / "kpatch").glob("0*.patch"))
 
 
-def series_v2(cover: Path = COVER) -> bool:
-    """The series in kpatch/ is v2 (the cover letter's subject says so); the v2
-    scenarios are expected to fail until then."""
-    try:
-        head = cover.read_text(errors="replace")[:4000]
-    except OSError:
-        return False
-    return any(line.startswith("Subject:") and "PATCH v2" in line for line in head.splitlines())
-
-
-KPATCH_V2 = series_v2()
-
-
 def kernel(*args: str, env: dict[str, str] | None = None) -> Path:
     """The bzImage `kpatch/build.sh ARGS` makes; a cached one is found by --print,
     without queueing for build.sh's lock behind other builds."""

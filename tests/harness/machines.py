@@ -276,7 +276,7 @@ BOCHS_IPS = int(os.environ.get("KVMNOTE_BOCHS_IPS", "50000000"))
 BOCHSRC = """\
 cpu: model={model}, count=1, ips={ips}, reset_on_triple_fault=0, ignore_bad_msrs=1
 clock: sync=none
-memory: guest=512, host=512
+memory: guest={memory}, host={memory}
 romimage: file=/usr/share/bochs/BIOS-bochs-latest
 vgaromimage: file=/usr/share/vgabios/vgabios.bin
 ata0-master: type=cdrom, path=boot.iso, status=inserted
@@ -319,8 +319,71 @@ def _serial_pump(srv: socket.socket, log, done: threading.Event):
     conn.close()
 
 
+# Disks after the boot CD (ata0-master), as the Linux ATA driver names them: sda, sdb, ...
+BOCHS_DISK_SLOTS = ("ata0-slave", "ata1-master", "ata1-slave")
+
+
+def _chs(path: Path) -> tuple[int, int, int]:
+    """(cylinders, heads, sectors per track) whose product is exactly the image's
+    sectors: Bochs sizes a flat ATA disk by its geometry."""
+    sectors, rest = divmod(path.stat().st_size, 512)
+    for h in range(16, 0, -1):
+        for s in range(63, 0, -1):
+            if not rest and sectors % (h * s) == 0 and sectors // (h * s) <= 65535:
+                return sectors // (h * s), h, s
+    raise HarnessError(f"{path}: {path.stat().st_size} bytes: no ATA geometry fits exactly")
+
+
+def _bochs_disks(work: Path, disks: tuple) -> str:
+    """bochsrc lines of raw disks (path, "ro"|"rw"|"snapshot"): "rw" written in place,
+    the others through a redo log in WORK that Bochs drops at exit ("volatile")."""
+    if len(disks) > len(BOCHS_DISK_SLOTS):
+        raise HarnessError(f"Bochs: at most {len(BOCHS_DISK_SLOTS)} disks")
+    lines = ["ata1: enabled=1, ioaddr1=0x170, ioaddr2=0x370, irq=15"]
+    for slot, (path, how) in zip(BOCHS_DISK_SLOTS, disks):
+        c, h, s = _chs(Path(path))
+        mode = "flat" if how == "rw" else f"volatile, journal={work / slot}.redolog"
+        lines.append(f"{slot}: type=disk, path={path}, mode={mode}, "
+                     f"cylinders={c}, heads={h}, spt={s}")
+    return "\n".join(lines) + "\n"
+
+
+# Bochs boots from a CD, not from a disk root: this initramfs mounts the first disk
+# (sda) as the root and names the disks as under QEMU (vda, vdb, ...: devtmpfs
+# symlinks, which the root's own devtmpfs mount shares), then runs its init=.
+DISK_ROOT_INIT = """\
+#!/bin/sh
+mount -t devtmpfs devtmpfs /dev
+mount -t proc proc /proc
+i=0
+while [ ! -b /dev/sd@LAST@ ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i + 1)); done
+for d in a b c d; do [ -b /dev/sd$d ] && ln -s sd$d /dev/vd$d; done
+init=$(tr ' ' '\\n' < /proc/cmdline | sed -n 's/^init=//p')
+mkdir -p /newroot
+mount -t ext4 /dev/sda /newroot || { echo "disk-root: cannot mount /dev/sda"; reboot -f; }
+umount /proc
+exec switch_root /newroot "${init:-/sbin/init}"
+"""
+
+
+def run_disk_root(backend: str, work: Path, kernel: Path, cmdline: str, timeout: float, *,
+                  memory: int = 512, disks: tuple = ()) -> tuple[int | None, bool]:
+    """A machine whose root filesystem is the first of `disks` (path, "ro"|"rw"|
+    "snapshot"), the others its /dev/vdb, /dev/vdc: QEMU's virtio disks (svm), or
+    Bochs' ATA disks (vmx) behind DISK_ROOT_INIT."""
+    if backend == "svm":
+        return run_qemu(work, kernel, None, cmdline, timeout, memory=memory, disks=disks)
+    c = Cpio()
+    c.busybox()
+    c.file("init", DISK_ROOT_INIT.replace("@LAST@", "abcd"[len(disks) - 1]).encode())
+    initrd = work / "disk-root.gz"
+    initrd.write_bytes(c.gz())
+    return run_bochs(work, kernel, initrd, cmdline, timeout, memory=memory, disks=disks)
+
+
 def run_bochs(work: Path, kernel: Path, initrd: Path, cmdline: str, timeout: float, *,
-              cpu: str = "corei7_haswell_4770") -> tuple[int | None, bool]:
+              cpu: str = "corei7_haswell_4770", memory: int = 512,
+              disks: tuple = ()) -> tuple[int | None, bool]:
     iso_dir = work / "iso"
     (iso_dir / "isolinux").mkdir(parents=True, exist_ok=True)
     shutil.copy(ISOLINUX_BIN, iso_dir / "isolinux" / "isolinux.bin")
@@ -343,7 +406,8 @@ def run_bochs(work: Path, kernel: Path, initrd: Path, cmdline: str, timeout: flo
     srv.bind(("127.0.0.1", 0))
     srv.listen(1)
     (work / "bochsrc").write_text(BOCHSRC.format(model=cpu, port=srv.getsockname()[1],
-                                                 ips=BOCHS_IPS))
+                                                 ips=BOCHS_IPS, memory=memory)
+                                  + _bochs_disks(work, disks))
     (work / "bochs.rc").write_text("c\n")
     done = threading.Event()
     with open(work / "console.log", "wb") as log, open(work / "bochs.out", "wb") as bout:

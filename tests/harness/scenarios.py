@@ -19,12 +19,16 @@ class Spec:
     crash: str = "abort"    # abort (SIGABRT), segv (a vCPU thread), external (kill -SEGV)
     rlimit: int | None = None
     vms: int = 1            # VMs in the process
-    v2: bool = False        # needs kernel series v2: expected to fail on v1 (xfail strict)
+    smm: tuple[int, ...] = ()   # vcpu_ids that took an SMI (--smm: SMRAM in address space 1)
     backends: tuple[str, ...] = ("svm", "vmx", "native")
 
     @property
     def name(self):
         return self.scenario.name
+
+    def mode_of(self, vcpu_id: int) -> str:
+        """The mode whose state this vCPU stopped in (expected.py's "smm" for SMM)."""
+        return "smm" if vcpu_id in self.smm else self.mode
 
 
 def _s(name, args, **kw):
@@ -62,12 +66,14 @@ SPECS = [
     _s("twovms", ["--halt", "1", "--spin", "1", "--twovms"], kinds=[H, S], vms=2),
     _s("extsignal", ["--halt", "1", "--spin", "2", "--crash", "external"], kinds=[H, S, S],
        crash="external"),
+    # A memslot in address space 1 (SMRAM) and vCPU 0 inside SMM, at its handler's hlt;
+    # vCPU 1 outside SMM. Needs KVM_CAP_MULTI_ADDRESS_SPACE > 1 (CONFIG_KVM_SMM).
+    _s("smm", ["--halt", "2", "--smm"], kinds=[H, H], smm=(0,)),
     # Kernel series v2 (issue 8).
-    _s("closedfd", ["--halt", "2", "--close-vcpu-fd", "1"], kinds=[H, H], v2=True),
-    _s("pidns", ["--halt", "2", "--pidns"], kinds=[H, H], v2=True),
-    _s("policy_off", ["--halt", "1", "--coredump-filter", "0x33"], kinds=[H], notes="none",
-       v2=True),
-    _s("policy_always", ["--halt", "1", "--coredump-filter", "0x33"], kinds=[H], v2=True,
+    _s("closedfd", ["--halt", "2", "--close-vcpu-fd", "1"], kinds=[H, H]),
+    _s("pidns", ["--halt", "2", "--pidns"], kinds=[H, H]),
+    _s("policy_off", ["--halt", "1", "--coredump-filter", "0x33"], kinds=[H], notes="none"),
+    _s("policy_always", ["--halt", "1", "--coredump-filter", "0x33"], kinds=[H],
        pre=[f"echo 2 > {CPARAM}", f"cat {CPARAM} > @OUT@/policy_always/param.txt"],
        post=[f"echo 1 > {CPARAM}"]),
 ]

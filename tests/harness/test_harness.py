@@ -13,8 +13,8 @@ import pytest
 
 from harness import REPO, kvmnote_read
 from harness.cpio import Cpio
-from harness.kernel import series_v2
-from harness.transfer import SEND_FILES_SH, parse_console
+from harness.machines import HarnessError, _chs
+from harness.transfer import SEND_FILES_SH, parse_console, tar_disk
 from harness.vmm import build_vmm
 from testlib import need
 
@@ -92,15 +92,6 @@ def test_serial_transfer_round_trip(tmp_path):
     assert len(errors) == 1 and len(got) == len(files) - 1
 
 
-def test_series_v2_switch(tmp_path):
-    cover = tmp_path / "cover.patch"
-    cover.write_text("From x\nSubject: [PATCH 0/8] KVM: x86: vCPU state in core dumps\n")
-    assert not series_v2(cover)
-    cover.write_text("From x\nSubject: [PATCH v2 0/9] KVM: x86: vCPU state in core dumps\n")
-    assert series_v2(cover)
-    assert not series_v2(tmp_path / "missing")
-
-
 @pytest.mark.parametrize("args,msg", [
     (["--mode", "bogus"], "--mode bogus"), (["--halt", "-3"], "--halt -3"),
     (["--halt", "2x"], "--halt 2x"), (["--crash", "oops"], "--crash oops"),
@@ -108,6 +99,7 @@ def test_series_v2_switch(tmp_path):
     (["--close-vcpu-fd", "3", "--halt", "2"], "not a halted vCPU"),
     (["--irqchip", "--halt", "1"], "--irqchip"),
     (["--nstuck", "257"], "--nstuck 257"), (["--halt", "1", "--nstuck", "256"], "too many"),
+    (["--smm", "--halt", "0", "--spin", "1"], "--smm"),
 ])
 def test_vmm_rejects_bad_arguments(tmp_path, args, msg):
     """Bad arguments: one line on stderr, exit 2, nothing run."""
@@ -118,3 +110,26 @@ def test_vmm_rejects_bad_arguments(tmp_path, args, msg):
     assert p.returncode == 2, (p.returncode, p.stderr)
     assert msg in p.stderr and p.stderr.count("\n") == 1, p.stderr
     assert not (tmp_path / "r.json").exists()
+
+
+def test_bochs_disk_geometry(tmp_path):
+    """Bochs sizes an ATA disk by its geometry: it must cover the image exactly."""
+    for size in (1789919232, 256 << 20, 1 << 20):     # the rootfs seen here, out.img, in.tar
+        img = tmp_path / "d.img"
+        img.write_bytes(b"")
+        with open(img, "r+b") as f:
+            f.truncate(size)
+        c, h, s = _chs(img)
+        assert c * h * s * 512 == size and h <= 16 and s <= 63 and c <= 65535
+    with open(img, "r+b") as f:
+        f.truncate(512 * 65537 * 3)     # 3 * a prime: no geometry of at most 16 x 63
+    with pytest.raises(HarnessError):
+        _chs(img)
+
+
+def test_tar_disk_whole_mib(tmp_path):
+    disk = tar_disk(tmp_path / "in.tar", {"a": b"x" * 3000})
+    assert disk.stat().st_size == 1 << 20
+    import tarfile
+    with tarfile.open(disk) as t:
+        assert t.getnames() == ["a"] and t.extractfile("a").read() == b"x" * 3000

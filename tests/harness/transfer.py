@@ -56,7 +56,8 @@ def parse_console(log: str) -> tuple[dict[str, bytes], list[str]]:
 
 def tar_disk(path: Path, members: dict[str, Path | bytes]) -> Path:
     """A raw disk that is a tar archive of `members` (name -> file, dir or bytes);
-    the guest reads it with `tar -xf /dev/vdX`."""
+    the guest reads it with `tar -xf /dev/vdX`. Zero-padded to whole MiB (zero blocks
+    end a tar), a size Bochs' ATA disk geometry can describe exactly."""
     with tarfile.open(path, "w") as t:
         for name, src in members.items():
             if isinstance(src, bytes):
@@ -65,6 +66,8 @@ def tar_disk(path: Path, members: dict[str, Path | bytes]) -> Path:
                 t.addfile(info, io.BytesIO(src))
             else:
                 t.add(src, name, filter=lambda i: None if "__pycache__" in i.name else i)
+    with open(path, "r+b") as f:
+        f.truncate(-(-f.seek(0, io.SEEK_END) // (1 << 20)) << 20)
     return path
 
 

@@ -46,8 +46,10 @@ def vcpu(vcpu_id: int, status: int = S.KVM_CORE_VCPU_VALID) -> dict[str, Any]:
 
 def make_core(path: Path, vcpus: list[dict[str, Any]] | None = None,
               ram: dict[int, bytes] | None = None, slot_sizes: tuple[int, int] = (1 << 20, 4 << 20),
-              nr_vms: int = 1, slots: list[dict[str, int]] | None = None) -> dict[str, Any]:
-    """A VMM core: RAM slot 0 at gpa 0 and slot 1 at 4 GiB (`ram`: gpa -> bytes)."""
+              nr_vms: int = 1, slots: list[dict[str, int]] | None = None,
+              smram: bytes = b"") -> dict[str, Any]:
+    """A VMM core: RAM slot 0 at gpa 0 and slot 1 at 4 GiB (`ram`: gpa -> bytes), and
+    SMRAM (as_id 1) over slot 0, whose memory is in the core when `smram` is given."""
     vcpus = vcpus if vcpus is not None else [vcpu(0), vcpu(1)]
     s0, s1 = slot_sizes
     u1 = UADDR + (1 << 30)
@@ -66,8 +68,10 @@ def make_core(path: Path, vcpus: list[dict[str, Any]] | None = None,
         notes += cb.kvm_note(S.NT_KVM_VM, S.build_desc(cb.vm_records(vm, slots)))
     notes += b"".join(cb.kvm_note(S.NT_KVM_VCPU, S.build_desc(cb.vcpu_records(v)))
                       for v in vcpus)
-    cb.write_core(path, notes, [cb.Load(UADDR, s0, s0, bytes(img0)),
-                                cb.Load(u1, s1, s1, bytes(img1))])
+    loads = [cb.Load(UADDR, s0, s0, bytes(img0)), cb.Load(u1, s1, s1, bytes(img1))]
+    if smram:
+        loads.append(cb.Load(UADDR + (2 << 30), s0, s0, smram))
+    cb.write_core(path, notes, loads)
     return {"vcpus": vcpus, "slots": [(0, s0), (1 << 32, s1)], "img": [bytes(img0), bytes(img1)]}
 
 
@@ -133,6 +137,36 @@ def test_layout_like_qemu(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert guest_read(tmp_path / "vmcore", 0x1000, 5) == b"hello"
     assert guest_read(tmp_path / "vmcore", (1 << 32) + 0x2000, 4) == b"high"
     assert guest_read(tmp_path / "vmcore", 0, 4096) == bytes(4096)
+
+
+def test_smram_left_out_and_said(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """SMRAM (as_id 1) over normal RAM, with its own bytes in the core, and a vCPU
+    inside SMM: the vmcore holds address space 0, and a warning says that the vCPU's
+    interrupted state is in the SMRAM it left out."""
+    in_smm = vcpu(1)
+    in_smm["events"]["smi"]["smm"] = 1
+    make_core(tmp_path / "core", vcpus=[vcpu(0), in_smm], ram={0x8000: b"normal"},
+              smram=bytes(0x8000) + b"SMRAM!")
+    rc, err = run(capsys, str(tmp_path / "core"), "-o", str(tmp_path / "vmcore"),
+                  "--vmcoreinfo", str(_info_file(tmp_path)))
+    assert rc == 0, err
+    assert guest_read(tmp_path / "vmcore", 0x8000, 6) == b"normal"
+    with open(tmp_path / "vmcore", "rb") as f:
+        loads = [(s["p_paddr"], s["p_filesz"]) for s in ELFFile(f).iter_segments()
+                 if s["p_type"] == "PT_LOAD"]
+    assert [ld for ld in loads if ld[0] <= 0x8000 < ld[0] + ld[1]] == [(0, 1 << 20)], loads
+    assert "vCPU 1 (CPU 1) was in SMM" in err and "SMRAM (address space 1)" in err
+    assert "vCPU 0 (CPU 0) was in SMM" not in err and err.count("\n") == 1, err
+
+
+def test_smm_flag_needs_valid_bit(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """events.smi means nothing without KVM_VCPUEVENT_VALID_SMM in events.flags."""
+    v = vcpu(0)
+    v["events"]["smi"]["smm"], v["events"]["flags"] = 1, 0x7
+    make_core(tmp_path / "core", vcpus=[v])
+    rc, err = run(capsys, str(tmp_path / "core"), "-o", str(tmp_path / "vmcore"),
+                  "--vmcoreinfo", str(_info_file(tmp_path)))
+    assert rc == 0 and "was in SMM" not in err, err
 
 
 def _info_file(tmp_path: Path, text: bytes = INFO) -> Path:

@@ -168,6 +168,38 @@ void vm_setup_memory(struct vm *vm, enum mode mode)
 		pd[i] = ((uint64_t)i << 21) | 0x83;
 }
 
+/* NULL when KVM can put this VM's vCPUs into SMM, else why not. */
+const char *vm_smm_unsupported(struct vm *vm)
+{
+	if (ioctl(vm->fd, KVM_CHECK_EXTENSION, KVM_CAP_MULTI_ADDRESS_SPACE) < 2)
+		return "KVM_CAP_MULTI_ADDRESS_SPACE < 2: no SMM address space (CONFIG_KVM_SMM=n?)";
+	if (ioctl(vm->fd, KVM_CHECK_EXTENSION, KVM_CAP_X86_SMM) < 1)
+		return "KVM_CAP_X86_SMM = 0: this vendor module cannot run SMM "
+		       "(VMX without unrestricted guest nor emulate_invalid_guest_state)";
+	return NULL;
+}
+
+/* SMRAM in address space 1: its handler, which marks that it ran. */
+void vm_setup_smram(struct vm *vm)
+{
+	static const uint8_t handler[] = {
+		0x2e, 0xc6, 0x06, SMM_FLAG & 0xff, SMM_FLAG >> 8, 0x01,	/* mov byte [cs:FLAG],1 */
+		0xf4, 0xeb, 0xfd,					/* hlt ; jmp back */
+	};
+	uint8_t *m = mmap(NULL, SMRAM_SIZE, PROT_READ | PROT_WRITE,
+			  MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (m == MAP_FAILED)
+		die("mmap SMRAM");
+	memcpy(m + SMM_HANDLER, handler, sizeof(handler));
+	struct kvm_userspace_memory_region r = {
+		.slot = SMRAM_SLOT, .guest_phys_addr = SMRAM_GPA, .memory_size = SMRAM_SIZE,
+		.userspace_addr = (uint64_t)(uintptr_t)m,
+	};
+	if (ioctl(vm->fd, KVM_SET_USER_MEMORY_REGION, &r) < 0)
+		die("KVM_SET_USER_MEMORY_REGION SMRAM (as_id 1)");
+	vm->smram = m;
+}
+
 void vcpu_create(struct vm *vm, struct vcpu *v, int id)
 {
 	v->id = id;
@@ -489,5 +521,10 @@ void json_memslots(FILE *f, struct vm *vm)
 			slot_defs[i].slot, slot_defs[i].flags, (unsigned long long)slot_defs[i].gpa,
 			(unsigned long long)slot_defs[i].size,
 			(unsigned long long)(uintptr_t)vm->mem[i]);
+	if (vm->smram)
+		fprintf(f, ", {\"as_id\": %u, \"slot\": %u, \"flags\": 0, \"guest_phys_addr\": %u, "
+			"\"memory_size\": %u, \"userspace_addr\": %llu}", SMRAM_SLOT >> 16,
+			SMRAM_SLOT & 0xffff, SMRAM_GPA, SMRAM_SIZE,
+			(unsigned long long)(uintptr_t)vm->smram);
 	fprintf(f, "]");
 }

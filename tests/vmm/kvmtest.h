@@ -24,6 +24,15 @@ enum mode { MODE_REAL, MODE_PM32, MODE_LONG };
 #define GPA_PML4	0x2000
 #define GPA_FLAGS	0x6000	/* one u64 per vCPU, set to 1 by spinners */
 
+/* --smm: SMRAM, a memslot of address space 1 (KVM_CAP_MULTI_ADDRESS_SPACE),
+ * at the SMBASE a vCPU has after RESET; an SMI enters its handler at SMBASE +
+ * 0x8000 and KVM saves the interrupted state at SMBASE + 0xfe00 (see expected.py). */
+#define SMRAM_GPA	0x30000
+#define SMRAM_SIZE	0x10000
+#define SMRAM_SLOT	((1u << 16) | 0)	/* as_id 1, slot 0 */
+#define SMM_HANDLER	0x8000	/* mov byte [cs:0x8100],1 ; hlt ; jmp back */
+#define SMM_FLAG	0x8100
+
 struct slot_def {
 	uint32_t slot, flags;
 	uint64_t gpa, size;
@@ -43,6 +52,7 @@ struct vm {
 	int xsave_size;		/* KVM_CAP_XSAVE2, else sizeof(struct kvm_xsave) */
 	int irqchip;		/* KVM_CREATE_IRQCHIP done: LAPIC in the kernel */
 	void *mem[NR_SLOTS];
+	void *smram;		/* --smm: the as_id 1 slot, else NULL */
 };
 
 struct vcpu {
@@ -54,6 +64,8 @@ struct vcpu {
 void die(const char *fmt, ...) __attribute__((noreturn, format(printf, 1, 2)));
 void vm_create(struct vm *vm, int irqchip);
 void vm_setup_memory(struct vm *vm, enum mode mode);
+const char *vm_smm_unsupported(struct vm *vm);
+void vm_setup_smram(struct vm *vm);
 void vcpu_create(struct vm *vm, struct vcpu *v, int id);
 void vcpu_setup(struct vm *vm, struct vcpu *v, enum mode mode, int spin);
 

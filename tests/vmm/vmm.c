@@ -6,7 +6,7 @@
  *       [--seq] [--crash abort|segv|external] [--dup] [--foreign] [--stuck]
  *       [--nstuck N]
  *       [--rlimit-core BYTES] [--nonkvm] [--timeout SEC] [--close-vcpu-fd ID]
- *       [--pidns] [--coredump-filter HEX] [--irqchip] [--twovms]
+ *       [--pidns] [--coredump-filter HEX] [--irqchip] [--twovms] [--smm]
  *
  * vCPU ids are 0..halt-1 (run to `hlt`), then spinners (`jmp .`, IF=1), then
  * idle ones (created and set up, never run).  --stuck adds one more spinning
@@ -22,7 +22,11 @@
  * to /proc/self/coredump_filter first.  --irqchip: KVM_CREATE_IRQCHIP (LAPIC in
  * the kernel; then `hlt` does not exit to us, so only spinning and idle vCPUs).
  * --twovms: a second VM with the same vCPUs.  --crash external: another process
- * sends SIGSEGV while the vCPU threads are where they are.
+ * sends SIGSEGV while the vCPU threads are where they are.  --smm: SMRAM as a
+ * memslot of address space 1, and an SMI (KVM_SMI) for vCPU 0 of each VM before
+ * it first runs, so it stops at the `hlt` of its SMM handler; when KVM cannot
+ * (KVM_CAP_MULTI_ADDRESS_SPACE < 2 or no KVM_CAP_X86_SMM), the report says why
+ * ("smm_unsupported") and the VMM exits 3 without crashing.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -281,7 +285,7 @@ int main(int argc, char **argv)
 {
 	const char *report = NULL, *crash = "abort", *filter = NULL;
 	int nhalt = 1, nspin = 0, nidle = 0, seq = 0, dup_fd = 0, foreign = 0, stuck = 0;
-	int nonkvm = 0, pidns = 0, irqchip = 0, nvms = 1, close_id = -1;
+	int nonkvm = 0, pidns = 0, irqchip = 0, nvms = 1, close_id = -1, smm = 0;
 	double timeout = 60;
 	long rlimit_core = -1;
 
@@ -318,6 +322,7 @@ int main(int argc, char **argv)
 		else if (!strcmp(o, "--pidns")) pidns = 1;
 		else if (!strcmp(o, "--irqchip")) irqchip = 1;
 		else if (!strcmp(o, "--twovms")) nvms = 2;
+		else if (!strcmp(o, "--smm")) smm = 1;
 		else { fprintf(stderr, "vmm: bad argument %s\n", o); return 2; }
 	}
 	if (!report) { fprintf(stderr, "vmm: --report FILE needed\n"); return 2; }
@@ -329,6 +334,10 @@ int main(int argc, char **argv)
 	}
 	if (irqchip && nhalt) {
 		fprintf(stderr, "vmm: --irqchip: `hlt` stays in the kernel; use --spin/--idle\n");
+		return 2;
+	}
+	if (smm && !nhalt) {
+		fprintf(stderr, "vmm: --smm: vCPU 0 must be a halted one (--halt 1 or more)\n");
 		return 2;
 	}
 	if (!strcmp(crash, "segv") && (seq || !nhalt)) {
@@ -363,12 +372,22 @@ int main(int argc, char **argv)
 	for (int k = 0; k < nvms; k++) {
 		vm_create(&vms[k], irqchip);
 		vm_setup_memory(&vms[k], mode);
+		const char *why = smm ? vm_smm_unsupported(&vms[k]) : NULL;
+		if (why) {
+			fprintf(f, "{\"pid\": %d, \"smm_unsupported\": \"%s\"}\n", getpid(), why);
+			fprintf(stderr, "vmm: --smm: %s\n", why);
+			return fclose(f) ? 97 : 3;
+		}
+		if (smm)
+			vm_setup_smram(&vms[k]);
 	}
 	for (int i = 0; i < total; i++) {
 		int id = i % n;
 		kind[i] = id < nhalt ? 0 : id < nhalt + nspin ? 1 : id < nhalt + nspin + nidle ? 2 : 3;
 		vcpu_create(&vms[i / n], &vcpus[i], id);
 		vcpu_setup(&vms[i / n], &vcpus[i], mode, is_spinner(i));
+		if (smm && id == 0 && ioctl(vcpus[i].fd, KVM_SMI, 0) < 0)
+			die("KVM_SMI vcpu 0 of VM %d", i / n);
 	}
 	int dups[2] = { -1, -1 };
 	if (dup_fd && n > 0) {
@@ -448,12 +467,13 @@ int main(int argc, char **argv)
 		"\"wait_seconds\": %.3f, \"nr_vcpus\": %d, \"nr_vms\": %d, \"dup_fds\": [%d, %d], "
 		"\"foreign_fd\": %d, \"foreign_pid\": %d, \"foreign_vcpu_id\": %d, "
 		"\"crash_tid\": %d, \"xsave\": %s, \"irqchip\": %s, \"closed_vcpu\": %d, "
-		"\"memslots\": ",
+		"\"smm\": %s, \"memslots\": ",
 		getpid(), mode == MODE_REAL ? "real" : mode == MODE_PM32 ? "pm32" : "long", crash,
 		timed_out ? "true" : "false", now() - t0, n, nvms, dups[0], dups[1], foreign_fd,
 		foreign_pid, FOREIGN_VCPU_ID,
 		crash_segv_idx >= 0 ? __atomic_load_n(&tids[crash_segv_idx], __ATOMIC_ACQUIRE) : getpid(),
-		have_xsave ? "true" : "false", irqchip ? "true" : "false", close_id);
+		have_xsave ? "true" : "false", irqchip ? "true" : "false", close_id,
+		smm ? "true" : "false");
 	json_memslots(f, &vms[0]);
 	fprintf(f, ", \"vms\": [");
 	for (int k = 0; k < nvms; k++) {
