@@ -311,8 +311,30 @@ def follow(reports: str = REPORTS, state: str = STATE) -> int:
     return 0
 
 
-def install(prefix: str = "/etc/systemd/system", systemctl: bool = True) -> str:
-    """Write the unit (ExecStart: this kvmnote) and enable it; return the unit's path."""
+def _journal_tail() -> str | None:
+    """The cursor of the journal's newest entry (None: no journal, or it is empty)."""
+    try:
+        p = subprocess.run(["journalctl", "--lines=1", "--output=json",
+                            "--output-fields=MESSAGE_ID", "--no-pager", "--quiet"],
+                           capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    for line in p.stdout.splitlines():
+        try:
+            cursor = json.loads(line).get("__CURSOR")
+        except (ValueError, AttributeError):
+            continue
+        if isinstance(cursor, str) and cursor:
+            return cursor
+    return None
+
+
+def install(prefix: str = "/etc/systemd/system", systemctl: bool = True,
+            state: str = STATE) -> str:
+    """Write the unit (ExecStart: this kvmnote) and enable it; return the unit's path.
+    The service starts after the journal's newest entry as of now (saved as its cursor,
+    unless one is kept from an earlier install): a VMM that crashes once this returns
+    gets its report, however long the service then takes to start reading."""
     # the interpreter as started (a venv's python is a symlink: keep its path)
     exe = os.path.abspath(sys.argv[0]) if os.path.basename(sys.argv[0]) == "kvmnote" \
         else f"{os.path.abspath(sys.executable)} -m kvmnote"
@@ -322,6 +344,15 @@ def install(prefix: str = "/etc/systemd/system", systemctl: bool = True) -> str:
             f.write(UNIT_TEXT.format(exec=exe, unit=UNIT))
     except OSError as e:
         raise KvmnoteError(f"{path}: cannot write: {e.strerror} (run as root)") from None
+    if not os.path.exists(os.path.join(state, "cursor")):
+        cursor = _journal_tail()
+        if cursor:
+            try:
+                os.makedirs(state, exist_ok=True)
+                _save_cursor(state, cursor)
+            except OSError as e:
+                raise KvmnoteError(f"{state}: cannot write: {e.strerror} (run as root)") \
+                    from None
     if systemctl:
         for cmd in (["systemctl", "daemon-reload"], ["systemctl", "enable", "--now", UNIT]):
             p = subprocess.run(cmd, capture_output=True, text=True)

@@ -4,7 +4,7 @@ scenarios there, and bring the files back; used by every tier (e2e, acceptance, 
     kernel.py       kernels from kpatch/build.sh (cached by content)
     vmm.py          the static test VMM (tests/vmm/Makefile)
     cpio.py         initramfs writer (newc, no root needed)
-    rootfs.sh/.py   the Debian root filesystem (python3, bcc, pytest) for L1 machines
+    rootfs.sh/.py   the Debian root filesystem (python3, bcc, pytest, systemd, QEMU) for L1
     transfer.py     files out over the serial console; files in and out on tar disks
     kvmnote_read.py the one `kvmnote read --json` wrapper (schemas /1 and /2)
     cmdline.py      the L1 kernel command line

@@ -1,5 +1,6 @@
 """The Debian 12 root filesystem of L1 machines that run real userspace (bcc, pytest
-in native mode): rootfs.sh builds it once, cached by the script's own hash."""
+in native mode, systemd with systemd-coredump and QEMU): rootfs.sh builds it once,
+cached by the script's own hash."""
 
 from __future__ import annotations
 

@@ -188,8 +188,20 @@ def test_optional_vmcore(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     assert doc["vmcore"] == base + ".vmcore" and Path(base + ".vmcore").stat().st_size > 0
 
 
-def test_install_writes_unit(tmp_path: Path) -> None:
-    path = triage.install(str(tmp_path), systemctl=False)
+def fake_journal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                 entries: list[dict[str, Any]]) -> Path:
+    """The fake journalctl on PATH, its journal holding `entries`."""
+    journal = tmp_path / "journal.json"
+    journal.write_text("".join(json.dumps(e) + "\n" for e in entries))
+    monkeypatch.setenv("PATH", f"{FAKEBIN}:{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_JOURNAL", str(journal))
+    monkeypatch.setenv("FAKE_JOURNALCTL_LOG", str(tmp_path / "journalctl.log"))
+    return journal
+
+
+def test_install_writes_unit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_journal(tmp_path, monkeypatch, [])
+    path = triage.install(str(tmp_path), systemctl=False, state=str(tmp_path / "state"))
     text = Path(path).read_text()
     assert Path(path).name == "kvmnote-triage.service"
     exec_line = next(ln for ln in text.splitlines() if ln.startswith("ExecStart="))
@@ -203,7 +215,36 @@ def test_install_writes_unit(tmp_path: Path) -> None:
 
 def test_install_cannot_write_is_one_error(tmp_path: Path) -> None:
     with pytest.raises(KvmnoteError, match="cannot write: No such file or directory"):
-        triage.install(str(tmp_path / "nonexistent"), systemctl=False)
+        triage.install(str(tmp_path / "nonexistent"), systemctl=False,
+                       state=str(tmp_path / "state"))
+
+
+def test_install_starts_at_the_journal_tail(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A VMM that crashes right after `kvmnote triage --install`, before the service has
+    started reading the journal, still gets its report (seen under systemd: a first start
+    reading "from now on" misses it); a crash from before the install gets none."""
+    for i in (1, 2):
+        make_core(tmp_path / f"core{i}", ram={0x9000: info_note(INFO)})
+    before = coredump_entry(1, 4241, tmp_path / "core1")
+    journal = fake_journal(tmp_path, monkeypatch, [before])
+    triage.install(str(tmp_path), systemctl=False, state=str(tmp_path / "state"))
+    assert (tmp_path / "state" / "cursor").read_text() == before["__CURSOR"]
+    after = coredump_entry(2, 4242, tmp_path / "core2")
+    with open(journal, "a") as f:
+        f.write(json.dumps(after) + "\n")
+    monkeypatch.setenv("KVMNOTE_JOURNAL_SOCKET", str(tmp_path / "journal.sock"))
+    sink = Journal(tmp_path / "journal.sock")
+    try:
+        triage.follow(str(tmp_path / "reports"), str(tmp_path / "state"))
+    finally:
+        sent = sink.close()
+    assert [e["KVMNOTE_COREDUMP_PID"] for e in sent] == ["4242"]
+    docs = [json.loads(p.read_text()) for p in (tmp_path / "reports").glob("*.json")]
+    assert [d["crash"]["pid"] for d in docs] == ["4242"]
+    # an earlier install's cursor is kept: a reinstall resumes, skipping nothing
+    triage.install(str(tmp_path), systemctl=False, state=str(tmp_path / "state"))
+    assert (tmp_path / "state" / "cursor").read_text() == after["__CURSOR"]
 
 
 def test_vmm_without_stored_core(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
