@@ -1,5 +1,5 @@
 """The series' own KVM selftest (tools/testing/selftests/kvm/x86_64/coredump_test.c,
-patch 0010), built statically by `kpatch/build.sh --selftest` and run as root inside
+patches 0010 and 0014, the latter with nested guests), built statically by `kpatch/build.sh --selftest` and run as root inside
 both emulated machines, as the KVM maintainers would run it: every case must report
 `ok`, none skipped (exit 4 = KSFT_SKIP fails here), and the kernel must not splat.
 """
@@ -17,7 +17,9 @@ from harness.kernel import KernelError, selftest
 # Its cases (the selftest's `cases[]`): each must be reported, by name.
 CASES = ("state", "never_ran", "closed_vcpu_fd", "busy_vcpu", "vcpus_created_during_dump",
          "vm_fd_over_scm_rights", "many_memslots", "coredump_notes_0",
-         "coredump_filter_bit_clear", "coredump_notes_2")
+         "coredump_filter_bit_clear", "coredump_notes_2",
+         # patch 0014: the VMM's guest is a hypervisor (nested VMX or SVM)
+         "nested_l2", "nested_l1", "nested_run_pending")
 
 
 @pytest.mark.e2e
