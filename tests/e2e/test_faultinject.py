@@ -26,7 +26,7 @@ from harness.scenarios import FAULT_PREAMBLE, FAULT_SPECS
 
 UNKNOWN = 0xFFFFFFFF
 NAMES = tuple(s.name for s in FAULT_SPECS)
-VMX_NAMES = ("fault0_0", "fault400_1000", "fault1000_1000", "fault3000_0", "fault100000_1000")
+VMX_NAMES = ("fault0_0", "fault400_1000", "fault600_1000", "fault3000_0", "fault100000_1000")
 BACKENDS = [pytest.param("svm", marks=pytest.mark.svm), pytest.param("vmx", marks=pytest.mark.vmx)]
 
 

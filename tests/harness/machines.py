@@ -161,11 +161,24 @@ SPLAT_RE = re.compile(
     r"lockdep is turned off|DEBUG_LOCKS_WARN_ON)")
 # Bochs' CPUID topology makes the unpatched 6.12 kernel warn on every boot.
 KNOWN_SPLATS = [re.compile(r"WARNING: .* at arch/x86/kernel/cpu/topology_common\.c:57")]
+BASE64_LINE = re.compile(r"[A-Za-z0-9+/=]+")
 
 
 def find_splats(text: str) -> list[str]:
-    return [line.strip() for line in text.splitlines()
-            if SPLAT_RE.search(line) and not any(k.search(line) for k in KNOWN_SPLATS)]
+    """Kernel warnings in a console log.  The base64 lines of files sent over the
+    console (send_files()) are data: "Oops" may well be one of their substrings."""
+    out, in_file = [], False
+    for line in text.splitlines():
+        s = line.strip("\r\n \x00")
+        if s.startswith("===FILE "):
+            in_file = True
+        elif s == "===EOF":
+            in_file = False
+        elif in_file and BASE64_LINE.fullmatch(s):
+            continue
+        if SPLAT_RE.search(line) and not any(k.search(line) for k in KNOWN_SPLATS):
+            out.append(line.strip())
+    return out
 
 
 @dataclass

@@ -13,7 +13,7 @@ import pytest
 
 from harness import REPO, kvmnote_read
 from harness.cpio import Cpio
-from harness.machines import HarnessError, _chs
+from harness.machines import HarnessError, _chs, find_splats
 from harness.transfer import SEND_FILES_SH, parse_console, tar_disk
 from harness.vmm import build_vmm
 from testlib import need
@@ -90,6 +90,16 @@ def test_serial_transfer_round_trip(tmp_path):
     bad = "\n".join(lines[:1] + ["A" + lines[1][1:]] + lines[2:])  # one corrupted line
     got, errors = parse_console(bad)
     assert len(errors) == 1 and len(got) == len(files) - 1
+
+
+def test_splats_ignore_transferred_files():
+    """A file's base64 may spell "Oops" (a CI run failed on one): only the base64
+    lines inside a file's markers are exempt, a kernel message among them is not."""
+    data = "ZvzVkg+5300jic50/b/2Sl1Xr8UG10HTcM8Oops1H7uBH5vJ6N4ykfGy8X6ntKf78F59NPY7T0J6"
+    oops = "[   12.5] Oops: general protection fault, probably for non-canonical address"
+    log = "\n".join(["boot", "===FILE ./s1/core 00 4", data, oops, data, "===EOF", data,
+                     "WARNING: CPU: 0 PID: 1 at arch/x86/kvm/x86.c:1 f+0x1/0x2"])
+    assert find_splats(log) == [oops, data, "WARNING: CPU: 0 PID: 1 at arch/x86/kvm/x86.c:1 f+0x1/0x2"]
 
 
 @pytest.mark.parametrize("args,msg", [
