@@ -24,11 +24,22 @@ only, and `kvmnote vmcore` hands them to drgn as if they were the kernel's: seen
 v2, the vCPU in guest mode (the other halted in the idle loop), drgn's "CPU 1 comm=vmm"
 unwinding to the single frame ['0x1103'] (L2's RIP), so
 test_drgn_unwinds_the_guest_kernel_in_kvm fails, and test_kvmnote_read_shows_both_levels
-with it (no L1 registers); the other two pass. L1's VMRUN returns to
-__svm_vcpu_run+0xa0 (the tracepoint's RIP, right after `vmrun`).
+with it (no L1 registers); the other two pass.
 
-Cost on this machine (2 shared cores): 41 s warm (the emulated machine's run 40 s: boot,
-L1 ready after 15 s, SPIN_S, the core; kvmnote vmcore and drgn under 1 s each). Cold it
+On series v3 (format 1.2) with the reader of branch py11 (L1's state by default), seen
+once: L1's RIP is __svm_vcpu_run+0xa0, right after `vmrun`, equal to the tracepoint's,
+and its RSP L1's stack; drgn still gives the single frame ['__svm_vcpu_run']. ORC's CFA
+there is RBP + 16 (__svm_vcpu_run set up a frame pointer, then loaded L2's RBP before
+VMRUN), and the RBP of L1's state is L2's, as VMRUN left it. With RBP = RSP + 0x40 (the
+frame pointer, where __svm_vcpu_run pushed RBP) written into that CPU's NT_PRSTATUS by
+hand, drgn gives the whole path: __svm_vcpu_run svm_vcpu_enter_exit svm_vcpu_run
+vcpu_enter_guest vcpu_run kvm_arch_vcpu_ioctl_run kvm_vcpu_ioctl ... entry_SYSCALL_64.
+
+The vCPU was in guest mode at the crash in each of the three runs so far (KVM's
+tracepoints: about 240 nested entries a second, one per tick of L1, L2 spinning between).
+
+Cost on this machine (2 shared cores): 27-43 s warm (the emulated machine's run 25-40 s:
+boot, L1 ready after 8-15 s, SPIN_S, the core; kvmnote vmcore and drgn under 1 s each). Cold it
 needs what test_vmcore_qemu.py and test_systemd_coredump.py need too (the L1 kernel, the
 root filesystem, the guest kernel: 353 s to build with KVM, on the loaded machine).
 
