@@ -16,6 +16,7 @@ EPILOG = """examples:
   kvmnote read --vcpu 2 core.qemu.1234     # only the vCPU with vcpu_id 2
   kvmnote read --all core.qemu.1234.zst    # plus MSRs, LAPIC, XSAVE... (compressed core)
   kvmnote read --json core | jq '.vcpus[].regs.rip'
+  kvmnote read --level 1 core              # nested guests: only L1's (the hypervisor's)
   coredumpctl dump 1234 | kvmnote read -  # a core on stdin
   kvmnote read --coredump qemu-system-x86  # the newest stored core of that command
 
@@ -81,9 +82,9 @@ def _read(args: argparse.Namespace) -> int:
                 raise KvmnoteError(f"{core.path}: no vCPU with vcpu_id {args.vcpu} "
                                    f"(have {sorted({v.vcpu_id for v in core.vcpus})})")
         if args.json:
-            _emit(json.dumps(report.to_json(core, vcpus)) + "\n")
+            _emit(json.dumps(report.to_json(core, vcpus, level=args.level)) + "\n")
         else:
-            _emit(report.text(core, vcpus, args.all))
+            _emit(report.text(core, vcpus, args.all, args.level))
     return 0
 
 
@@ -179,6 +180,9 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--vcpu", type=int, metavar="N", help="only the vCPU with vcpu_id N")
     r.add_argument("--all", action="store_true",
                    help="also MSRs, debug registers, events, XCRs, XSAVE, LAPIC")
+    r.add_argument("--level", type=int, choices=(1, 2), help="a vCPU running a nested "
+                   "guest: show only L1's registers (the guest's hypervisor, as the nested "
+                   "VM exit will load them) or only L2's (the nested guest); default both")
     r.set_defaults(func=_read)
     v = sub.add_parser("vmcore", help="write the guest's vmcore (for crash, gdb, drgn)",
                        epilog=VMCORE_EPILOG,

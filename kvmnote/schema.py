@@ -254,6 +254,10 @@ vmcb_control = Struct(*(name / Pointer(off, con) for name, off, con in (
     ("event_inj", 0xA8, Int32ul), ("event_inj_err", 0xAC, Int32ul),
     ("nested_cr3", 0xB0, Int64ul), ("next_rip", 0xC8, Int64ul))))
 VMCB_SAVE_AREA_OFFSET = 0x400
+# struct vmcb_save_area fields, at their offsets in the 4096-byte vmcb12 (0x400 + ...).
+vmcb_save = Struct(*(name / Pointer(VMCB_SAVE_AREA_OFFSET + off, Int64ul) for name, off in (
+    ("efer", 0xD0), ("cr4", 0x148), ("cr3", 0x150), ("cr0", 0x158), ("rflags", 0x170),
+    ("rip", 0x178), ("rsp", 0x1D8), ("rax", 0x1F8))))
 SVM_NESTED_CTL_NP_ENABLE = 1 << 0
 
 # First bytes of the XSAVE area that kvmnote decodes (legacy region + header).

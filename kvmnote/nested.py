@@ -1,0 +1,73 @@
+"""Nested virtualization (note format 1.2): the two levels of a vCPU in guest mode.
+
+Level 1 is the guest the VMM runs (whose memory the memslots describe); level 2 is a
+nested guest that level 1, itself a hypervisor, runs. A vCPU in guest mode
+(KVM_CORE_VCPU_GUEST_MODE) was running level 2: its REGS/SREGS2/exit records are level
+2's, L1_REGS/L1_SREGS2 level 1's as the nested VM exit will load them.
+"""
+
+from typing import Any
+
+from construct import Construct
+
+from . import schema as S
+from .notes import Vcpu
+
+LEVELS = (1, 2)
+
+
+def guest_mode(vcpu: Vcpu) -> bool:
+    """Was the vCPU running a nested guest (level 2)?"""
+    return bool(vcpu.info["status"] & S.KVM_CORE_VCPU_GUEST_MODE)
+
+
+def state(vcpu: Vcpu, level: int) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """(regs, sregs) of `level`; (None, None) where the core does not hold them (level 2
+    of a vCPU not in guest mode; level 1 of a guest-mode vCPU in a core before 1.2)."""
+    r = vcpu.records
+    if level == 2 and not guest_mode(vcpu):
+        return None, None
+    if level == 1 and guest_mode(vcpu):
+        return r.get("l1_regs"), r.get("l1_sregs")
+    return r.get("regs"), r.get("sregs")
+
+
+def _view(con: Construct, data: bytes, size: int) -> dict[str, Any] | None:
+    """The fields of `con` in the first `size` bytes of `data`, or None if shorter."""
+    return S.plain(con.parse(data)) if len(data) >= size else None
+
+
+def vmcs12(nested: dict[str, Any]) -> dict[str, Any] | None:
+    """The vmcs12 fields kvmnote reads (VMX, a current vmcs12), or None."""
+    if nested["format"] != S.KVM_STATE_NESTED_FORMAT_VMX:
+        return None
+    return _view(S.vmcs12, nested["data"], S.KVM_STATE_NESTED_VMX_VMCS_SIZE)
+
+
+def vmcb12(nested: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """(control-area fields, save-area fields) of vmcb12 (SVM, guest mode), or None.
+    The save area is L1's (vmcb01's), as KVM_GET_NESTED_STATE puts it there."""
+    if nested["format"] != S.KVM_STATE_NESTED_FORMAT_SVM:
+        return None
+    data = nested["data"]
+    ctl = _view(S.vmcb_control, data, S.KVM_STATE_NESTED_SVM_VMCB_SIZE)
+    return None if ctl is None else (ctl, S.plain(S.vmcb_save.parse(data)))
+
+
+def paging(nested: dict[str, Any]) -> dict[str, Any] | None:
+    """How L1 maps its nested guest's memory: {"type": "ept"|"npt", "enabled", "root"
+    (EPTP / nCR3 as L1 wrote it), "levels"}; None without a vmcs12 / vmcb12."""
+    v = vmcs12(nested)
+    if v is not None:
+        on = bool(v["cpu_based_vm_exec_control"] & S.CPU_BASED_ACTIVATE_SECONDARY_CONTROLS
+                  and v["secondary_vm_exec_control"] & S.SECONDARY_EXEC_ENABLE_EPT)
+        eptp = v["ept_pointer"]
+        return {"type": "ept", "enabled": on, "root": eptp,
+                "levels": ((eptp & S.VMX_EPTP_PWL_MASK) >> S.VMX_EPTP_PWL_SHIFT) + 1}
+    c = vmcb12(nested)
+    if c is not None:
+        ctl, save = c
+        la57 = bool(save["cr4"] >> 12 & 1)      # NPT walks in L1's (the host's) mode
+        return {"type": "npt", "enabled": bool(ctl["nested_ctl"] & S.SVM_NESTED_CTL_NP_ENABLE),
+                "root": ctl["nested_cr3"], "levels": 5 if la57 else 4}
+    return None
