@@ -11,6 +11,7 @@ from typing import Any
 from construct import Construct
 
 from . import schema as S
+from .errors import CorruptCoreError
 from .notes import Vcpu
 
 LEVELS = (1, 2)
@@ -71,3 +72,56 @@ def paging(nested: dict[str, Any]) -> dict[str, Any] | None:
         return {"type": "npt", "enabled": bool(ctl["nested_ctl"] & S.SVM_NESTED_CTL_NP_ENABLE),
                 "root": ctl["nested_cr3"], "levels": 5 if la57 else 4}
     return None
+
+
+# --- L2's guest-physical address space, through L1's EPT / nested page tables ---------
+
+ADDR_MASK = ((1 << 52) - 1) & ~0xFFF     # physical-address bits 51:12 of an entry
+LARGE = 1 << 7                           # EPT and x86 paging: a leaf above level 1
+Run = tuple[int, int, int]               # (L2 guest-physical, L1 guest-physical, size)
+# Most table pages a walk reads (8 GiB of tables: a table that maps 4 TiB of L2 in 4 KiB
+# pages); past it the table is taken as corrupt (tables that point at each other).
+MAX_TABLES = 1 << 21
+
+
+def _present(kind: str, entry: int) -> bool:
+    """EPT: readable, writable or executable (bits 2:0); NPT: P (bit 0)."""
+    return bool(entry & 7) if kind == "ept" else bool(entry & 1)
+
+
+def walk(read_table: Any, kind: str, root: int, levels: int) -> Any:
+    """Yield the runs (L2 GPA, L1 GPA, size) that L1's table maps, ascending in L2 GPA,
+    adjacent leaves merged where both sides are contiguous. `read_table(gpa)` returns
+    the 4096-byte table page at L1 guest-physical `gpa`, or None where the core lacks it
+    (its part of L2's space is then left out)."""
+    run: list[int] | None = None
+    seen = [0]
+
+    def tables(gpa: int, level: int, base: int) -> Any:
+        seen[0] += 1
+        if seen[0] > MAX_TABLES:
+            raise CorruptCoreError(f"L1's {kind.upper()} table at {root:#x} has more than "
+                                   f"{MAX_TABLES} table pages (corrupt: tables that point "
+                                   f"at each other?)")
+        page = read_table(gpa)
+        if page is None:
+            return
+        shift = 12 + 9 * (level - 1)
+        for i, entry in enumerate(memoryview(page).cast("Q")):
+            if not _present(kind, entry):
+                continue
+            l2 = base + (i << shift)
+            if level == 1 or (level <= 3 and entry & LARGE):
+                yield l2, entry & ADDR_MASK & ~((1 << shift) - 1), 1 << shift
+            else:
+                yield from tables(entry & ADDR_MASK, level - 1, l2)
+
+    for l2, l1, size in tables(root & ADDR_MASK, levels, 0):
+        if run and run[0] + run[2] == l2 and run[1] + run[2] == l1:
+            run[2] += size
+            continue
+        if run:
+            yield tuple(run)
+        run = [l2, l1, size]
+    if run:
+        yield tuple(run)

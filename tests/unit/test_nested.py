@@ -3,6 +3,8 @@ in guest mode, the NESTED record, and --level picks one; `kvmnote vmcore` uses L
 state by default and writes the nested guest's with --level 2."""
 
 import json
+import os
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -163,3 +165,131 @@ def test_read_corrupt_nested_size(tmp_path: Path, capsys: pytest.CaptureFixture[
     rc, out, err = run(capsys, "read", str(tmp_path / "core"))
     assert rc == 2 and out == "" and len(err.splitlines()) == 1
     assert "kvm_nested_state.size" in err
+
+
+# --- kvmnote vmcore ---------------------------------------------------------------------
+
+from test_vmcore import (USER_REGS, elf_notes, guest_read, info_note, make_core,  # noqa: E402
+                         one_line_error)
+from test_vmcore import run as vmcore_run  # noqa: E402
+
+L2_BASE = 1 << 30          # where the hand-built tables map the nested guest's memory
+PRESENT = 0x7              # EPT R/W/X; NPT P/RW/US
+
+
+def u64s(entries: dict[int, int]) -> bytes:
+    """A 4096-byte table page: entry index -> value."""
+    page = bytearray(4096)
+    for i, e in entries.items():
+        page[i * 8:i * 8 + 8] = e.to_bytes(8, "little")
+    return bytes(page)
+
+
+def tables(root: int = 0x7000) -> dict[int, bytes]:
+    """L1 guest RAM (gpa -> bytes) holding a 4-level table at `root` that maps L2 GPAs:
+    L2_BASE + 0 -> L1 0x10000 ("A" page), + 0x1000 -> 0x20000 ("B"), + 0x5000 -> 0x11000
+    ("C"), + 0x7000 -> 0x5000000 (outside guest RAM), + 0x9000 -> 0x12000 ("D", execute
+    only: present for EPT, not for NPT), and a 2 MiB page at L2_BASE + 6 MiB -> L1 0."""
+    return {root: u64s({0: 0x8000 | PRESENT}),                   # PML4[0] -> PDPT
+            0x8000: u64s({1: 0x9000 | PRESENT}),                 # PDPT[1] (1 GiB) -> PD
+            0x9000: u64s({0: 0xA000 | PRESENT, 3: 0x0 | 0x80 | PRESENT}),   # PD[3]: 2M
+            0xA000: u64s({0: 0x10000 | PRESENT, 1: 0x20000 | PRESENT, 5: 0x11000 | PRESENT,
+                          7: 0x5000000 | PRESENT, 9: 0x12000 | 0x4}),  # PT
+            0x10000: b"A" * 4096, 0x20000: b"B" * 4096, 0x11000: b"C" * 4096,
+            0x12000: b"D" * 4096}
+
+
+@pytest.mark.parametrize("vendor", VENDORS)
+def test_vmcore_default_uses_l1_state(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                      vendor: str) -> None:
+    vcpus = [cb.nested_vcpu(0, VENDORS[vendor]), cb.sample_vcpu(1, VENDORS[vendor])]
+    make_core(tmp_path / "core", vcpus, ram={0x30000: info_note(b"OSRELEASE=6.12\n")})
+    rc, err = vmcore_run(capsys, str(tmp_path / "core"), "-o", str(tmp_path / "vmcore"))
+    assert rc == 0
+    assert err == ("kvmnote: vCPU 0 (CPU 0) was running a nested guest: using L1's state "
+                   "(registers, CR3) as the nested VM exit will load it; --level 2 writes the "
+                   "nested guest's vmcore\n")
+    notes = elf_notes(tmp_path / "vmcore")
+    pr = [dict(zip(USER_REGS, struct.unpack_from("<27Q", d, 112))) for n, t, d in notes
+          if t == 1 and n == b"CORE"]
+    # the L1 record's values as cb.nested_vcpu put them in, not L2's (RIP 0x2000)
+    assert (pr[0]["rip"], pr[0]["rsp"], pr[0]["eflags"], pr[0]["rax"]) == (
+        0xFFFFFFFF81E00000, 0xFFFFC90000008000, 0x2, 0xA1A1)
+    assert (pr[1]["rip"], pr[1]["rsp"]) == (vcpus[1]["regs"]["rip"], vcpus[1]["regs"]["rsp"])
+    qemu = [d for n, t, d in notes if n == b"QEMU"]
+    cr = struct.unpack_from("<5Q", qemu[0], 8 + 18 * 8 + 10 * 24)
+    assert cr[3] == 0x5000000                     # L1's CR3, not L2's 0x3000
+
+
+def test_vmcore_old_core_in_guest_mode_warns(tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    v = cb.sample_vcpu(0)
+    v["vcpu"]["status"] |= S.KVM_CORE_VCPU_GUEST_MODE       # a 1.1 core: no L1 records
+    make_core(tmp_path / "core", [v])
+    rc, err = vmcore_run(capsys, str(tmp_path / "core"), "-o", str(tmp_path / "vmcore"))
+    assert rc == 0 and "was running a nested guest and this core (note format 1.2) has no " \
+        "L1 state: its registers are the nested guest's (L2's)" in err
+
+
+@pytest.mark.parametrize("vendor", VENDORS)
+def test_vmcore_level2_translates_through_l1_tables(tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str],
+                                                    vendor: str) -> None:
+    ram = tables()
+    ram[0x30000] = info_note(b"OSRELEASE=6.12-l2\n")     # inside the 2 MiB page: L2 too
+    vcpus = [cb.nested_vcpu(0, VENDORS[vendor]), cb.nested_vcpu(1, VENDORS[vendor]),
+             cb.sample_vcpu(2, VENDORS[vendor])]
+    make_core(tmp_path / "core", vcpus, ram=ram, slot_sizes=(2 << 20, 1 << 20))
+    out = tmp_path / "l2.vmcore"
+    rc, err = vmcore_run(capsys, str(tmp_path / "core"), "-o", str(out), "--level", "2")
+    assert rc == 1, err              # L2 page 7 maps L1 memory outside the memslots
+    assert "vCPU 2 not in guest mode (running L1, not the nested guest): left out" in err
+    assert f"{L2_BASE + 0x7000:#x}-{L2_BASE + 0x7fff:#x} (4096 bytes)" in err
+    assert guest_read(out, L2_BASE, 4096) == b"A" * 4096
+    assert guest_read(out, L2_BASE + 0x1000, 4096) == b"B" * 4096
+    assert guest_read(out, L2_BASE + 0x5000, 4096) == b"C" * 4096
+    assert guest_read(out, L2_BASE + 0x7000, 4096) == bytes(4096)
+    big = L2_BASE + (6 << 20)
+    assert guest_read(out, big + 0x10000, 4096) == b"A" * 4096
+    assert guest_read(out, big + 0x8008, 8) == (0x9000 | PRESENT).to_bytes(8, "little")
+    with pytest.raises(AssertionError, match="not in any PT_LOAD"):
+        guest_read(out, L2_BASE + 0x2000, 1)       # PT[2] not present
+    if vendor == "vmx":    # execute-only: an EPT mapping, not an NPT one
+        assert guest_read(out, L2_BASE + 0x9000, 4096) == b"D" * 4096
+    else:
+        with pytest.raises(AssertionError, match="not in any PT_LOAD"):
+            guest_read(out, L2_BASE + 0x9000, 1)
+    notes = elf_notes(out)
+    pr = [dict(zip(USER_REGS, struct.unpack_from("<27Q", d, 112))) for n, t, d in notes
+          if t == 1 and n == b"CORE"]
+    assert [p["rip"] for p in pr] == [vcpus[0]["regs"]["rip"], vcpus[1]["regs"]["rip"]] \
+        == [0x2000, 0x2001]
+    assert (b"VMCOREINFO", 0, b"OSRELEASE=6.12-l2\n") in [(n, t, d.rstrip(b"\0"))
+                                                          for n, t, d in notes]
+
+
+def test_vmcore_level2_refusals(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    core, out = tmp_path / "core", str(tmp_path / "vmcore")
+    make_core(core, [cb.sample_vcpu(0), cb.nested_vcpu(1, 1, guest_mode=False)])
+    err = one_line_error(*vmcore_run(capsys, str(core), "-o", out, "--level", "2"))
+    assert "no vCPU was running a nested guest (none in guest mode)" in err
+    for vendor, what in ((1, "EPT off in vmcs12"), (2, "nested paging off in vmcb12")):
+        make_core(core, [cb.nested_vcpu(0, vendor, paging_root=None)])
+        err = one_line_error(*vmcore_run(capsys, str(core), "-o", out, "--level", "2"))
+        assert f"L1 runs its nested guest with shadow paging ({what})" in err
+    for vendor, name in ((1, "EPTP"), (2, "nCR3")):
+        make_core(core, [cb.nested_vcpu(0, vendor), cb.nested_vcpu(1, vendor,
+                                                                    paging_root=0xB000)])
+        err = one_line_error(*vmcore_run(capsys, str(core), "-o", out, "--level", "2"))
+        assert f"the vCPUs in guest mode disagree about the {name} (0x7000: vCPU 0; " \
+            f"0xb000: vCPU 1)" in err
+    v = cb.sample_vcpu(0)
+    v["vcpu"]["status"] |= S.KVM_CORE_VCPU_GUEST_MODE       # 1.1: no NESTED record
+    make_core(core, [v])
+    err = one_line_error(*vmcore_run(capsys, str(core), "-o", out, "--level", "2"))
+    assert "has no vmcs12 / vmcb12 for it" in err
+    make_core(core, [cb.nested_vcpu(0, 1)])
+    err = one_line_error(*vmcore_run(capsys, str(core), "-o", out, "--level", "2",
+                                     "--format", "kdump"))
+    assert "--level 2 writes the nested guest's vmcore as ELF only" in err
+    assert not os.path.exists(out)
