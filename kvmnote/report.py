@@ -311,13 +311,18 @@ def _regs_text(regs: dict[str, Any] | None, sregs: dict[str, Any] | None,
     return out
 
 
+def _gpa(addr: int) -> str:
+    """A guest-physical address of the nested state; -1 (INVALID_GPA) is "none"."""
+    return "none" if addr == (1 << 64) - 1 else f"{addr:#x}"
+
+
 def _nested_text(n: dict[str, Any]) -> list[str]:
     """Lines of the NESTED record."""
     head = f"  nested state ({n['format']}): flags {n['flags']:#x} " \
            f"[{' '.join(n['flags_names'])}]"
     if "vmx" in n:
         x = n["vmx"]
-        head += (f", vmxon {x['vmxon_pa']:#x}, vmcs12 {x['vmcs12_pa']:#x}"
+        head += (f", vmxon {_gpa(x['vmxon_pa'])}, vmcs12 {_gpa(x['vmcs12_pa'])}"
                  + (f", SMM [{' '.join(x['smm_flags_names'])}]" if x["smm_flags_names"] else "")
                  + (", shadow vmcs12" if n["shadow_vmcs12"] else ""))
     if "svm" in n:

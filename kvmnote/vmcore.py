@@ -583,23 +583,25 @@ def l2_paging(core: Core, vcpus: list[Vcpu]) -> tuple[str, int, int]:
     return next(iter(seen))
 
 
-def _l1_reader(core: Core, vm: Vm) -> Callable[[int, int], bytes | None]:
-    """read(L1 GPA, n): n bytes of the VM's guest-physical memory, or None where the core
-    does not hold them all (outside the memslots, not dumped, cut off)."""
+def _l1_reader(core: Core, vm: Vm, reader: _Reader) -> Callable[[int, int], Any]:
+    """read(L1 GPA, n <= CHUNK): n bytes of the VM's guest-physical memory, valid until
+    the next call (`reader`'s buffer), or None where the core does not hold them all
+    (outside the memslots, not dumped, cut off)."""
     slots = _ram_slots(core, vm)
     starts = [g for g, _, _ in slots]
 
-    def read(gpa: int, n: int) -> bytes | None:
+    def read(gpa: int, n: int) -> bytes | bytearray | None:
         i = bisect.bisect_right(starts, gpa) - 1
         if i < 0 or gpa + n > slots[i][0] + slots[i][1]:
             return None
-        uaddr = slots[i][2] + gpa - slots[i][0]
-        if any(foff is None for _, _, foff, _ in core.pieces(uaddr, n)):
+        pieces = list(core.pieces(slots[i][2] + gpa - slots[i][0], n))
+        if any(foff is None for _, _, foff, _ in pieces):
             return None
-        try:
-            return core.read(uaddr, n)
-        except (MissingDataError, CompressedError):
-            return None
+        if len(pieces) == 1:
+            data = reader.read(pieces[0][0], pieces[0][2], n)
+            return data if len(data) == n else None
+        out = b"".join(bytes(reader.read(ua, foff, k)) for ua, k, foff, _ in pieces)
+        return out if len(out) == n else None
     return read
 
 
@@ -615,14 +617,30 @@ def _write_l2(core: Core, vm: Vm, out_path: str, core_path: str, *,
         raise KvmnoteError(f"{core.path}: no vCPU was running a nested guest (none in guest "
                            f"mode): there is no level-2 state; --level 1 is the guest's")
     kind, root, levels = l2_paging(core, guests)
-    read = _l1_reader(core, vm)
+    reader = _Reader(core)
+    try:
+        return _write_l2_with(core, vm, guests, (kind, root, levels), out_path, core_path,
+                              _l1_reader(core, vm, reader), cpu_map=cpu_map,
+                              vmcoreinfo=vmcoreinfo, allow_partial=allow_partial,
+                              force=force, progress=progress)
+    finally:
+        reader.close()
+
+
+def _write_l2_with(core: Core, vm: Vm, guests: list[Vcpu], paging: tuple[str, int, int],
+                   out_path: str, core_path: str, read: Callable[[int, int], Any], *,
+                   cpu_map: dict[int, int] | None, vmcoreinfo: bytes | None,
+                   allow_partial: bool, force: bool, progress: Progress | None) -> Result:
+    """_write_l2 once the table is known, reading L1's memory with `read`."""
+    kind, root, levels = paging
     missing_tables: set[int] = set()
 
     def table(gpa: int) -> bytes | None:
         page = read(gpa, PAGE)
         if page is None:
             missing_tables.add(gpa)
-        return page
+            return None
+        return bytes(page)     # kept while the walk reads the tables below it
 
     segs: list[list[int]] = []                      # [L2 start, size]
     for l2, _, n in N.walk(table, kind, root, levels):
@@ -667,19 +685,32 @@ def _write_l2(core: Core, vm: Vm, out_path: str, core_path: str, *,
         out = _Writer(fd)
         scan = VmcoreinfoScanner() if vmcoreinfo is None else None
         total, copied = sum(n for _, n in segs), 0
-        import bisect
+
+        def lack(l2: int, l1: int, n: int) -> None:
+            last = result.missing[-1] if result.missing else None
+            if last and last.gpa + last.size == l2:
+                last.size += n
+            else:
+                result.missing.append(Missing(l2, n, f"its L1 guest-physical memory (from "
+                                                     f"{l1:#x}) is not in the core"))
+
         for l2, l1, n in N.walk(table, kind, root, levels):
-            base = offsets[bisect.bisect_right(seg_starts, l2) - 1] + l2 -                 seg_starts[bisect.bisect_right(seg_starts, l2) - 1]
+            i = bisect.bisect_right(seg_starts, l2) - 1
+            base = offsets[i] + l2 - seg_starts[i]
             for pos in range(0, n, CHUNK):
                 step = min(CHUNK, n - pos)
                 data = read(l1 + pos, step)
-                if data is None:
-                    result.missing.append(Missing(l2 + pos, step, f"L1 guest-physical "
-                                                  f"{l1 + pos:#x}: not in the core"))
-                    continue
-                out.write(base + pos, data)
-                if scan:
-                    scan.feed(l2 + pos, data)
+                pieces = [(pos, data)] if data is not None else [   # page by page
+                    (p, None if page is None else bytes(page))
+                    for p in range(pos, pos + step, PAGE)
+                    for page in (read(l1 + p, min(PAGE, pos + step - p)),)]
+                for p, piece in pieces:
+                    if piece is None:
+                        lack(l2 + p, l1 + p, min(PAGE, pos + step - p))
+                        continue
+                    out.write(base + p, piece)
+                    if scan:
+                        scan.feed(l2 + p, piece)
                 if progress:
                     progress(copied + pos + step, total)
             copied += n

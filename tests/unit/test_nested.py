@@ -189,14 +189,17 @@ def tables(root: int = 0x7000) -> dict[int, bytes]:
     """L1 guest RAM (gpa -> bytes) holding a 4-level table at `root` that maps L2 GPAs:
     L2_BASE + 0 -> L1 0x10000 ("A" page), + 0x1000 -> 0x20000 ("B"), + 0x5000 -> 0x11000
     ("C"), + 0x7000 -> 0x5000000 (outside guest RAM), + 0x9000 -> 0x12000 ("D", execute
-    only: present for EPT, not for NPT), and a 2 MiB page at L2_BASE + 6 MiB -> L1 0."""
+    only: present for EPT, not for NPT), + 0x14000 -> 0x1ff000 ("E", the last page of a
+    2 MiB slot 0) and + 0x15000 -> 0x200000 (past it: one L1-contiguous run, half in the
+    core), and a 2 MiB page at L2_BASE + 6 MiB -> L1 0."""
     return {root: u64s({0: 0x8000 | PRESENT}),                   # PML4[0] -> PDPT
             0x8000: u64s({1: 0x9000 | PRESENT}),                 # PDPT[1] (1 GiB) -> PD
             0x9000: u64s({0: 0xA000 | PRESENT, 3: 0x0 | 0x80 | PRESENT}),   # PD[3]: 2M
             0xA000: u64s({0: 0x10000 | PRESENT, 1: 0x20000 | PRESENT, 5: 0x11000 | PRESENT,
-                          7: 0x5000000 | PRESENT, 9: 0x12000 | 0x4}),  # PT
+                          7: 0x5000000 | PRESENT, 9: 0x12000 | 0x4,
+                          20: 0x1FF000 | PRESENT, 21: 0x200000 | PRESENT}),  # PT
             0x10000: b"A" * 4096, 0x20000: b"B" * 4096, 0x11000: b"C" * 4096,
-            0x12000: b"D" * 4096}
+            0x12000: b"D" * 4096, 0x1FF000: b"E" * 4096}
 
 
 @pytest.mark.parametrize("vendor", VENDORS)
@@ -245,6 +248,9 @@ def test_vmcore_level2_translates_through_l1_tables(tmp_path: Path,
     assert rc == 1, err              # L2 page 7 maps L1 memory outside the memslots
     assert "vCPU 2 not in guest mode (running L1, not the nested guest): left out" in err
     assert f"{L2_BASE + 0x7000:#x}-{L2_BASE + 0x7fff:#x} (4096 bytes)" in err
+    assert f"{L2_BASE + 0x15000:#x}-{L2_BASE + 0x15fff:#x} (4096 bytes)" in err
+    assert guest_read(out, L2_BASE + 0x14000, 4096) == b"E" * 4096
+    assert guest_read(out, L2_BASE + 0x15000, 4096) == bytes(4096)
     assert guest_read(out, L2_BASE, 4096) == b"A" * 4096
     assert guest_read(out, L2_BASE + 0x1000, 4096) == b"B" * 4096
     assert guest_read(out, L2_BASE + 0x5000, 4096) == b"C" * 4096
@@ -293,3 +299,34 @@ def test_vmcore_level2_refusals(tmp_path: Path, capsys: pytest.CaptureFixture[st
                                      "--format", "kdump"))
     assert "--level 2 writes the nested guest's vmcore as ELF only" in err
     assert not os.path.exists(out)
+
+
+def test_read_vmx_without_current_vmcs12(tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """After VMXON, before VMPTRLD: vmcs12_pa is -1 and there is no vmcs12 data."""
+    v = cb.sample_vcpu(0)
+    v["nested"] = cb.nested_state(S.KVM_STATE_NESTED_FORMAT_VMX, 0,
+                                  {"vmxon_pa": 0x4000, "vmcs12_pa": (1 << 64) - 1})
+    nested_core(tmp_path / "core", [v], S.KVM_CORE_VENDOR_VMX)
+    rc, out, _ = run(capsys, "read", str(tmp_path / "core"))
+    assert rc == 0
+    assert "  nested state (vmx): flags 0x0 [], vmxon 0x4000, vmcs12 none" in out.splitlines()
+    assert "L1's last exit" not in out and "EPT" not in out
+    rc, out, _ = run(capsys, "read", "--json", str(tmp_path / "core"))
+    n = json.loads(out)["vcpus"][0]["nested"]
+    assert n["vmx"]["vmcs12_pa"] == "0xffffffffffffffff" and "vmcs12" not in n
+
+
+def test_kdump_default_uses_l1_state(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--format kdump writes the same CPU notes as the ELF output: L1's registers."""
+    from test_kdump import Kdump
+    make_core(tmp_path / "core", [cb.nested_vcpu(0, S.KVM_CORE_VENDOR_VMX)])
+    rc, err = vmcore_run(capsys, str(tmp_path / "core"), "-o", str(tmp_path / "k"),
+                         "--format", "kdump")
+    assert rc == 0 and "vCPU 0 (CPU 0) was running a nested guest: using L1's state" in err
+    notes = Kdump(tmp_path / "k").notes
+    namesz, descsz, ntype = struct.unpack_from("<III", notes, 0)
+    assert (notes[12:16], ntype) == (b"CORE", 1)
+    d0 = 12 + (namesz + 3) // 4 * 4
+    regs = dict(zip(USER_REGS, struct.unpack_from("<27Q", notes, d0 + 112)))
+    assert (regs["rip"], regs["rsp"]) == (0xFFFFFFFF81E00000, 0xFFFFC90000008000)
