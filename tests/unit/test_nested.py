@@ -330,3 +330,21 @@ def test_kdump_default_uses_l1_state(tmp_path: Path, capsys: pytest.CaptureFixtu
     d0 = 12 + (namesz + 3) // 4 * 4
     regs = dict(zip(USER_REGS, struct.unpack_from("<27Q", notes, d0 + 112)))
     assert (regs["rip"], regs["rsp"]) == (0xFFFFFFFF81E00000, 0xFFFFC90000008000)
+
+
+def test_triage_labels_the_levels(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    v = cb.nested_vcpu(0, S.KVM_CORE_VENDOR_SVM)
+    nested_core(tmp_path / "core", [v, cb.sample_vcpu(1, S.KVM_CORE_VENDOR_SVM)],
+                S.KVM_CORE_VENDOR_SVM)
+    rc, out, _ = run(capsys, "triage", str(tmp_path / "core"))
+    assert rc == 0
+    assert ("  vCPU 0: in a nested guest (L2): long 64-bit CPL 0, RIP 0x2000, RSP 0x2f00, last "
+            "exit HLT (0x78) to KVM; its hypervisor (L1) at the nested VM exit: long 64-bit "
+            "CPL 0, RIP 0xffffffff81e00000, RSP 0xffffc90000008000, status valid guest_mode"
+            ) in out.splitlines()
+    assert "  vCPU 1: long 64-bit CPL 0, RIP 0xffffffff81000002" in out
+    rc, out, _ = run(capsys, "triage", "--json", str(tmp_path / "core"))
+    cpus = json.loads(out)["vms"][0]["vcpus"]
+    assert cpus[0]["guest_mode"] is True and cpus[0]["rip"] == "0x2000"
+    assert cpus[0]["l1"]["rip"] == "0xffffffff81e00000"
+    assert "guest_mode" not in cpus[1] and "l1" not in cpus[1]
