@@ -1,7 +1,8 @@
 """The construct schema agrees with the kernel series' UAPI headers.
 
 The headers (linux/kvm_coredump.h, asm/kvm_coredump.h and the NT_KVM_* lines
-of linux/elf.h) are taken from the patches that add them (kpatch/*.patch), compiled
+of linux/elf.h) are taken from the patches that add and change them (kpatch/*.patch,
+applied in order), compiled
 into a small C program that prints sizeof/offsetof of every struct and field
 the schema knows and the value of every KVM_CORE_*/NT_KVM_* constant; the
 test compares those numbers with kvmnote.schema. Either side changing alone
@@ -15,8 +16,10 @@ the series' headers in kpatch/: while the series still says minor 1, the 1.2 nam
 
 from __future__ import annotations
 
+import functools
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -36,19 +39,28 @@ def _series() -> list[list[str]]:
     return [p.read_text().splitlines() for p in sorted((REPO / "kpatch").glob("0*.patch"))]
 
 
+@functools.cache
+def _headers_after_series() -> dict[str, str]:
+    """The text of each UAPI header as the whole series leaves it: every patch that
+    touches one applied in order (git apply, limited to the headers) to an empty tree."""
+    need(shutil.which("git") is not None, "git (apt-get install git)")
+    with tempfile.TemporaryDirectory(prefix="kvmnote-uapi-") as d:
+        for patch in sorted((REPO / "kpatch").glob("0*.patch")):
+            text = patch.read_text()
+            if any(f"+++ b/{h}" in text for h in HEADERS.values()):
+                subprocess.run(["git", "apply", *(f"--include={h}" for h in HEADERS.values()),
+                                str(patch)], cwd=d, check=True)
+        out = {}
+        for h in HEADERS.values():
+            f = Path(d) / h
+            assert f.exists(), f"no patch in kpatch/ creates {h}"
+            out[h] = f.read_text()
+        return out
+
+
 def created_by_series(path: str) -> str:
-    """Return the text of a file as the series creates it."""
-    for lines in _series():
-        for i, line in enumerate(lines):
-            if line == f"+++ b/{path}" and lines[i - 1] == "--- /dev/null":
-                hunk = lines[i + 2:]  # skip the @@ line
-                body = []
-                for h in hunk:
-                    if not h.startswith("+"):
-                        break
-                    body.append(h[1:])
-                return "\n".join(body) + "\n"
-    raise AssertionError(f"no patch in kpatch/ creates {path}")
+    """Return the text of a header as the series creates and then changes it."""
+    return _headers_after_series()[path]
 
 
 def elf_note_types_from_series() -> str:
