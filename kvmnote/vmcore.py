@@ -506,7 +506,7 @@ def write_vmcore(core_path: str, out_path: str, *, vm_index: int | None = None,
     """Convert VMM core `core_path` into guest vmcore `out_path`; see the module doc.
     `name` names the core in messages instead of `core_path` (a copy of stdin).
     `level` 1: the guest the memslots describe (L1's state of vCPUs that were running a
-    nested guest); 2: the nested guest of the vCPUs in guest mode (see write_l2)."""
+    nested guest); 2: the nested guest of the vCPUs in guest mode (see _write_l2)."""
     with open_core(core_path, name=name) as core:
         vm = select_vm(core, vm_index)
         slots = _ram_slots(core, vm)
