@@ -305,9 +305,11 @@ def _regs_text(regs: dict[str, Any] | None, sregs: dict[str, Any] | None,
         for s in ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt"):
             seg = sregs[s]
             out.append(f"{ind}{s.upper():<3} sel {seg['selector']:#06x} "
-                       f"base {seg['base']:#018x} limit {seg['limit']:#010x} {D.segment_attrs(seg)}")
+                       f"base {seg['base']:#018x} limit {seg['limit']:#010x} "
+                       f"{D.segment_attrs(seg)}")
         out.append(f"{ind}GDT base {sregs['gdt']['base']:#018x} "
-                   f"limit {sregs['gdt']['limit']:#x}  IDT base {sregs['idt']['base']:#018x} limit {sregs['idt']['limit']:#x}")
+                   f"limit {sregs['gdt']['limit']:#x}  "
+                   f"IDT base {sregs['idt']['base']:#018x} limit {sregs['idt']['limit']:#x}")
     return out
 
 
