@@ -68,9 +68,11 @@ def paging(nested: dict[str, Any]) -> dict[str, Any] | None:
     c = vmcb12(nested)
     if c is not None:
         ctl, save = c
-        la57 = bool(save["cr4"] >> 12 & 1)      # NPT walks in L1's (the host's) mode
+        # NPT walks in L1's (the host's) paging mode: 4- or 5-level in long mode; PAE or
+        # 32-bit tables otherwise (levels None: kvmnote does not walk those).
+        lma, la57 = save["efer"] >> 10 & 1, save["cr4"] >> 12 & 1
         return {"type": "npt", "enabled": bool(ctl["nested_ctl"] & S.SVM_NESTED_CTL_NP_ENABLE),
-                "root": ctl["nested_cr3"], "levels": 5 if la57 else 4}
+                "root": ctl["nested_cr3"], "levels": (5 if la57 else 4) if lma else None}
     return None
 
 

@@ -573,6 +573,13 @@ def l2_paging(core: Core, vcpus: list[Vcpu]) -> tuple[str, int, int]:
             raise KvmnoteError(f"{core.path}: vCPU {v.vcpu_id}: L1 runs its nested guest with "
                                f"shadow paging ({what}): no table maps the nested guest's "
                                f"physical memory; --level 2 needs EPT / NPT")
+        if p["levels"] not in (4, 5):
+            raise KvmnoteError(f"{core.path}: vCPU {v.vcpu_id}: L1 is not in 64-bit mode "
+                               f"(EFER.LMA clear in vmcb01), so its nested page table has "
+                               f"PAE or 32-bit format, which --level 2 does not walk"
+                               if p["type"] == "npt" else
+                               f"{core.path}: vCPU {v.vcpu_id}: EPTP {p['root']:#x} asks for "
+                               f"a {p['levels']}-level EPT walk; only 4 and 5 exist")
         seen.setdefault((p["type"], p["root"] & N.ADDR_MASK, p["levels"]), []).append(v.vcpu_id)
     if len(seen) > 1:
         name = "EPTP" if next(iter(seen))[0] == "ept" else "nCR3"

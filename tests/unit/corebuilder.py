@@ -172,7 +172,8 @@ def nested_vcpu(vcpu_id: int, vendor: int, *, guest_mode: bool = True,
             ctl = {"exit_code": 0x400, "exit_info_1": 0x6, "exit_info_2": 0x1234000,
                    "nested_ctl": 0 if paging_root is None else S.SVM_NESTED_CTL_NP_ENABLE,
                    "nested_cr3": paging_root or 0, "asid": 1}
-            save = {"cr3": l1_sregs["cr3"], "cr4": l1_sregs["cr4"], "rip": l1_regs["rip"],
+            save = {"cr3": l1_sregs["cr3"], "cr4": l1_sregs["cr4"], "efer": l1_sregs["efer"],
+                    "rip": l1_regs["rip"],
                     "rsp": l1_regs["rsp"], "rax": l1_regs["rax"], "rflags": 0x2}
             data = bytes(a | b for a, b in zip(view_page(S.vmcb_control, ctl),
                                                view_page(S.vmcb_save, save)))

@@ -289,6 +289,20 @@ def test_vmcore_level2_refusals(tmp_path: Path, capsys: pytest.CaptureFixture[st
         err = one_line_error(*vmcore_run(capsys, str(core), "-o", out, "--level", "2"))
         assert f"the vCPUs in guest mode disagree about the {name} (0x7000: vCPU 0; " \
             f"0xb000: vCPU 1)" in err
+    v = cb.nested_vcpu(0, 2)                 # NPT of an L1 outside long mode
+    raw = bytearray(v["nested"])
+    raw[128 + 0x400 + 0xD0:128 + 0x400 + 0xD8] = bytes(8)   # vmcb01 save area EFER
+    v["nested"] = bytes(raw)
+    make_core(core, [v])
+    err = one_line_error(*vmcore_run(capsys, str(core), "-o", out, "--level", "2"))
+    assert "L1 is not in 64-bit mode (EFER.LMA clear in vmcb01)" in err
+    v = cb.nested_vcpu(0, 1)
+    raw = bytearray(v["nested"])
+    raw[128 + 120:128 + 128] = (0x7000 | 1 << 3 | 6).to_bytes(8, "little")  # walk length 2
+    v["nested"] = bytes(raw)
+    make_core(core, [v])
+    err = one_line_error(*vmcore_run(capsys, str(core), "-o", out, "--level", "2"))
+    assert "asks for a 2-level EPT walk; only 4 and 5 exist" in err
     v = cb.sample_vcpu(0)
     v["vcpu"]["status"] |= S.KVM_CORE_VCPU_GUEST_MODE       # 1.1: no NESTED record
     make_core(core, [v])
@@ -348,3 +362,20 @@ def test_triage_labels_the_levels(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert cpus[0]["guest_mode"] is True and cpus[0]["rip"] == "0x2000"
     assert cpus[0]["l1"]["rip"] == "0xffffffff81e00000"
     assert "guest_mode" not in cpus[1] and "l1" not in cpus[1]
+
+
+def test_read_guest_mode_in_a_core_before_1_2(tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """A 1.1 core marks guest mode but has no L1 records: the registers are labelled L2's,
+    and --level 1 says L1's are not there rather than showing L2's."""
+    v = cb.sample_vcpu(0)
+    v["vcpu"]["status"] |= S.KVM_CORE_VCPU_GUEST_MODE
+    nested_core(tmp_path / "core", [v], S.KVM_CORE_VENDOR_VMX)
+    rc, out, _ = run(capsys, "read", str(tmp_path / "core"))
+    assert rc == 0 and "  L2 (nested guest) registers:" in out and "L1 (hypervisor)" not in out
+    rc, out, _ = run(capsys, "read", "--level", "1", str(tmp_path / "core"))
+    assert "  L1 registers: not in this core (note format before 1.2)" in out.splitlines()
+    assert "RIP" not in out
+    rc, out, _ = run(capsys, "read", "--json", "--level", "1", str(tmp_path / "core"))
+    j = json.loads(out)["vcpus"][0]
+    assert j["level"] == 1 and "regs" not in j and "sregs" not in j
