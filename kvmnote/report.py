@@ -76,7 +76,7 @@ def nested_json(nested: dict[str, Any], h: Typed = hex64) -> dict[str, Any]:
         "format": fmt, "flags": nested["flags"],
         "flags_names": D.bits(nested["flags"], S.NESTED_FLAG_NAMES),
         "nested_run_pending": bool(nested["flags"] & S.KVM_STATE_NESTED_RUN_PENDING),
-        "size": nested["size"]}
+        "size": nested["size"], "data_hex": nested["data"].hex()}
     if "vmx" in nested:
         hdr = nested["vmx"]
         out["vmx"] = {**_clean(h(S.kvm_vmx_nested_state_hdr, hdr)),

@@ -100,6 +100,7 @@ def test_read_json_both_levels(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert n["format"] == vendor and n["nested_run_pending"] is False
     assert "guest_mode" in n["flags_names"]
     assert n["nested_paging"]["enabled"] is True
+    assert bytes.fromhex(n["data_hex"]) == v["nested"][128:]   # as cb.nested_vcpu built it
     if vendor == "vmx":
         assert n["vmx"]["vmxon_pa"] == "0x4000" and n["vmx"]["vmcs12_pa"] == "0x6000"
         assert n["l1_last_exit"]["exit_reason"] == 48
