@@ -127,3 +127,64 @@ def walk(read_table: Any, kind: str, root: int, levels: int) -> Any:
         run = [l2, l1, size]
     if run:
         yield tuple(run)
+
+
+# --- L1's frame pointer at the nested VM exit ------------------------------------------
+
+# Where x86-64 Linux keeps code: the kernel image and the modules (the top 2 GiB, less
+# the fixmap).
+KERNEL_CODE = range(0xFFFFFFFF80000000, 0xFFFFFFFFFF000000)
+FRAME_SCAN = 0x200    # bytes of L1's stack searched, from RSP up
+FRAME_SPAN = 0x8000   # how far up a saved frame pointer may point (THREAD_SIZE with KASAN)
+
+
+def virt_to_phys(read: Any, sregs: dict[str, Any], va: int) -> int | None:
+    """L1 guest-physical address of L1 virtual address `va`, through L1's own page tables
+    (its CR3; long mode, 4- or 5-level); None where L1 does not map it, outside long mode,
+    or where the core lacks a table. `read(gpa, n)` as vmcore._l1_reader."""
+    if not sregs["efer"] >> 10 & 1:                 # EFER.LMA
+        return None
+    table = sregs["cr3"] & ADDR_MASK
+    for level in range(5 if sregs["cr4"] >> 12 & 1 else 4, 0, -1):   # CR4.LA57
+        shift = 12 + 9 * (level - 1)
+        raw = read(table + (va >> shift & 511) * 8, 8)
+        if raw is None:
+            return None
+        entry = int.from_bytes(raw, "little")
+        if not entry & 1:
+            return None
+        if level == 1 or (level <= 3 and entry & LARGE):
+            return entry & ADDR_MASK & ~((1 << shift) - 1) | va & ((1 << shift) - 1)
+        table = entry & ADDR_MASK
+    return None
+
+
+def l1_frame_pointer(read: Any, regs: dict[str, Any], sregs: dict[str, Any]) -> int | None:
+    """L1's frame pointer at the nested VM exit, found on L1's stack; None if not found.
+
+    The nested VM exit leaves in RBP what L1's hypervisor loaded into it for L2 before
+    the VM entry: L2's RBP (VMRUN and #VMEXIT switch RIP, RSP and RAX, a VM exit the
+    host-state area; neither RBP). Linux's VM-entry functions (__svm_vcpu_run,
+    __vmx_vcpu_run) set up a frame pointer first, and ORC unwinds them through it, so
+    an unwinder handed L2's RBP stops there. The frame is the first 8-byte slot at or
+    above RSP that holds a plausible saved RBP (an aligned address above the slot, less
+    than FRAME_SPAN above) followed by a return address into kernel code; that slot's
+    address is what RBP held before L1 loaded L2's."""
+    rsp = regs["rsp"]
+    if regs["rip"] not in KERNEL_CODE or rsp % 8:
+        return None
+
+    def word(va: int) -> int | None:        # 8-aligned: within one page
+        gpa = virt_to_phys(read, sregs, va)
+        raw = None if gpa is None else read(gpa, 8)
+        return None if raw is None else int.from_bytes(raw, "little")
+
+    here = word(rsp)
+    for slot in range(rsp, rsp + FRAME_SCAN, 8):
+        above = word(slot + 8)
+        if here is None or above is None:
+            return None
+        if slot < here <= slot + FRAME_SPAN and here % 8 == 0 and above in KERNEL_CODE:
+            return slot
+        here = above
+    return None

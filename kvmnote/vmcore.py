@@ -428,11 +428,13 @@ def _smm_warnings(cpus: list[tuple[int, Vcpu]]) -> list[str]:
     return out
 
 
-def _level_state(cpu: int, v: Vcpu, level: int, result: Result) -> State | None:
+def _level_state(cpu: int, v: Vcpu, level: int, result: Result,
+                 read: Callable[[int, int], Any] | None = None) -> State | None:
     """The registers of `level` that CPU `cpu` goes into the vmcore with, saying on the way
     which level a vCPU in guest mode contributes. Level 1 is the guest the memslots
     describe: a vCPU running a nested guest gives L1's state, as the nested VM exit will
-    load it (a core before note format 1.2 has only L2's: a warning). The MSRs (for
+    load it (a core before note format 1.2 has only L2's: a warning), with RBP L1's frame
+    pointer found on its stack through `read` (N.l1_frame_pointer). The MSRs (for
     KERNEL_GS_BASE) are the vCPU's current ones, L2's in guest mode, L1's otherwise."""
     regs, sregs = N.state(v, level)
     if level == 1 and N.guest_mode(v):
@@ -447,6 +449,18 @@ def _level_state(cpu: int, v: Vcpu, level: int, result: Result) -> State | None:
                 f"vCPU {v.vcpu_id} (CPU {cpu}) was running a nested guest: using L1's state "
                 f"(registers, CR3) as the nested VM exit will load it; --level 2 writes the "
                 f"nested guest's vmcore")
+            fp = N.l1_frame_pointer(read, regs, sregs) if read else None
+            if fp is None:
+                result.warnings.append(
+                    f"vCPU {v.vcpu_id} (CPU {cpu}): L1's frame pointer was not found on its "
+                    f"stack at RSP {regs['rsp']:#x}: RBP is L2's, as the VM entry left it, "
+                    f"and a debugger may not unwind past L1's VM-entry function")
+            else:
+                result.notes.append(
+                    f"vCPU {v.vcpu_id} (CPU {cpu}): RBP {fp:#x}, L1's frame pointer (RSP + "
+                    f"{fp - regs['rsp']:#x} on its stack), for unwinders; the register held "
+                    f"L2's RBP {regs['rbp']:#x}, as the VM entry left it")
+                regs = dict(regs, rbp=fp)
     if regs is None or sregs is None:
         return None
     msrs = v.records.get("msrs", []) if level == 2 or not N.guest_mode(v) else [
@@ -455,12 +469,13 @@ def _level_state(cpu: int, v: Vcpu, level: int, result: Result) -> State | None:
 
 
 def _cpu_notes(cpus: list[tuple[int, Vcpu]], allow_partial: bool, result: Result,
-               level: int = 1) -> bytes:
+               level: int = 1, read: Callable[[int, int], Any] | None = None) -> bytes:
     """All NT_PRSTATUS notes, then all QEMU notes, in CPU order, with the registers of
-    `level` (1: the guest the memslots describe; 2: its nested guest)."""
+    `level` (1: the guest the memslots describe, whose memory `read` reads; 2: its nested
+    guest)."""
     states: list[tuple[int, State | None]] = []
     for cpu, v in cpus:
-        state = _level_state(cpu, v, level, result) \
+        state = _level_state(cpu, v, level, result, read) \
             if v.info["status"] & S.KVM_CORE_VCPU_VALID else None
         ok = state is not None
         if not ok:
@@ -475,6 +490,16 @@ def _cpu_notes(cpus: list[tuple[int, Vcpu]], allow_partial: bool, result: Result
         states.append((cpu, state))
     return (b"".join(_note(b"CORE", S.NT_PRSTATUS, prstatus_desc(c, v)) for c, v in states)
             + b"".join(_note(S.QEMU_NOTE_NAME, 0, qemu_desc(v)) for _, v in states))
+
+
+def l1_cpu_notes(core: Core, vm: Vm, cpus: list[tuple[int, Vcpu]], allow_partial: bool,
+                 result: Result) -> bytes:
+    """_cpu_notes() of level 1, reading L1's stacks out of the VM's memory."""
+    reader = _Reader(core)
+    try:
+        return _cpu_notes(cpus, allow_partial, result, read=_l1_reader(core, vm, reader))
+    finally:
+        reader.close()
 
 
 def _open_output(path: str, core_path: str, force: bool) -> int:
@@ -519,7 +544,7 @@ def write_vmcore(core_path: str, out_path: str, *, vm_index: int | None = None,
         cpus = assign_cpus(vm.vcpus, cpu_map)
         result = Result([(c, v.vcpu_id) for c, v in cpus], [(g, s) for g, s, _ in slots])
         result.warnings += core.warnings + _smm_warnings(cpus)
-        cpu_notes = _cpu_notes(cpus, allow_partial, result)
+        cpu_notes = l1_cpu_notes(core, vm, cpus, allow_partial, result)
         info_room = len(_note(S.VMCOREINFO_NOTE_NAME, 0,
                               vmcoreinfo if vmcoreinfo is not None else bytes(VMCOREINFO_MAX)))
         phoff = S.size(S.Elf64_Ehdr)

@@ -212,7 +212,10 @@ def test_vmcore_default_uses_l1_state(tmp_path: Path, capsys: pytest.CaptureFixt
     assert rc == 0
     assert err == ("kvmnote: vCPU 0 (CPU 0) was running a nested guest: using L1's state "
                    "(registers, CR3) as the nested VM exit will load it; --level 2 writes the "
-                   "nested guest's vmcore\n")
+                   "nested guest's vmcore\n"
+                   "kvmnote: warning: vCPU 0 (CPU 0): L1's frame pointer was not found on its "
+                   "stack at RSP 0xffffc90000008000: RBP is L2's, as the VM entry left it, and "
+                   "a debugger may not unwind past L1's VM-entry function\n")
     notes = elf_notes(tmp_path / "vmcore")
     pr = [dict(zip(USER_REGS, struct.unpack_from("<27Q", d, 112))) for n, t, d in notes
           if t == 1 and n == b"CORE"]
@@ -223,6 +226,63 @@ def test_vmcore_default_uses_l1_state(tmp_path: Path, capsys: pytest.CaptureFixt
     qemu = [d for n, t, d in notes if n == b"QEMU"]
     cr = struct.unpack_from("<5Q", qemu[0], 8 + 18 * 8 + 10 * 24)
     assert cr[3] == 0x5000000                     # L1's CR3, not L2's 0x3000
+
+
+def l1_stack(cr3: int, va: int, gpa: int, words: list[int]) -> dict[int, bytes]:
+    """L1 guest RAM: a 4-level table at `cr3` mapping the page of `va` to `gpa` (tables
+    in the pages after cr3), and `words` at va."""
+    idx = [va >> s & 511 for s in (39, 30, 21, 12)]
+    ram = {cr3 + 0x1000 * n: u64s({i: cr3 + 0x1000 * (n + 1) | 3}) for n, i in enumerate(idx)}
+    ram[cr3 + 0x3000] = u64s({idx[3]: gpa | 3})
+    ram[gpa + (va & 0xFFF)] = b"".join(w.to_bytes(8, "little") for w in words)
+    return ram
+
+
+@pytest.mark.parametrize("vendor", VENDORS)
+def test_vmcore_l1_frame_pointer(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                 vendor: str) -> None:
+    """The nested VM exit leaves L2's RBP in L1's: the vmcore gets L1's frame pointer,
+    the slot on L1's stack below the first return address into kernel code that follows
+    a saved frame pointer (as __svm_vcpu_run / __vmx_vcpu_run leave it: RSP + 0x40)."""
+    v = cb.nested_vcpu(0, VENDORS[vendor])
+    rsp = v["l1_regs"]["rsp"]
+    v["l1_regs"]["rbp"] = 0x2B2B                  # L2's, as VMRUN / the VM exit leave it
+    v["l1_sregs"]["cr3"] = 0x40000
+    words = [0xFFFF888012345000,                  # @svm / @vmx: not a frame pointer
+             rsp + 0x80, 0x1234000,               # a stack address, then not code
+             0x1, 0xFFFFFFFF81000010,             # code, after no stack address
+             0xFFFF888000001000, 0, 0,
+             rsp + 0x100, 0xFFFFFFFF8123ABCD]     # RSP + 0x40: saved RBP, return address
+    make_core(tmp_path / "core", [v], ram=l1_stack(0x40000, rsp, 0x50000, words))
+    rc, err = vmcore_run(capsys, str(tmp_path / "core"), "-o", str(tmp_path / "vmcore"))
+    assert rc == 0, err
+    assert (f"vCPU 0 (CPU 0): RBP {rsp + 0x40:#x}, L1's frame pointer (RSP + 0x40 on its "
+            f"stack), for unwinders; the register held L2's RBP 0x2b2b") in err
+    pr = [dict(zip(USER_REGS, struct.unpack_from("<27Q", d, 112)))
+          for n, t, d in elf_notes(tmp_path / "vmcore") if t == 1 and n == b"CORE"]
+    assert (pr[0]["rbp"], pr[0]["rsp"], pr[0]["rip"]) == (rsp + 0x40, rsp, v["l1_regs"]["rip"])
+    # kvmnote read shows the register as the note has it
+    rc, out, _ = run(capsys, "read", "--json", str(tmp_path / "core"))
+    assert json.loads(out)["vcpus"][0]["l1"]["regs"]["rbp"] == "0x2b2b"
+
+
+@pytest.mark.parametrize("rsp,words", [
+    (0xFFFFC90000008000, [0xFFFF888012345000] * 64 + [0xFFFFC90000008300, 0xFFFFFFFF81000000]),
+    (0xFFFFC90000008FE0, [0xFFFF888012345000] * 4),   # runs into a page L1 does not map
+])
+def test_vmcore_l1_frame_pointer_not_found(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                           rsp: int, words: list[int]) -> None:
+    """No frame within FRAME_SCAN (0x200) bytes, or none before the stack runs into a
+    page that L1 does not map: RBP stays, and the user is told."""
+    v = cb.nested_vcpu(0, S.KVM_CORE_VENDOR_SVM)
+    v["l1_regs"]["rsp"], v["l1_sregs"]["cr3"] = rsp, 0x40000
+    make_core(tmp_path / "core", [v], ram=l1_stack(0x40000, rsp, 0x50000, words))
+    rc, err = vmcore_run(capsys, str(tmp_path / "core"), "-o", str(tmp_path / "vmcore"))
+    assert rc == 0 and f"L1's frame pointer was not found on its stack at RSP {rsp:#x}: " \
+        "RBP is L2's" in err
+    pr = [dict(zip(USER_REGS, struct.unpack_from("<27Q", d, 112)))
+          for n, t, d in elf_notes(tmp_path / "vmcore") if t == 1 and n == b"CORE"]
+    assert pr[0]["rbp"] == v["l1_regs"]["rbp"]
 
 
 def test_vmcore_old_core_in_guest_mode_warns(tmp_path: Path,
