@@ -135,7 +135,7 @@ def walk(read_table: Any, kind: str, root: int, levels: int) -> Any:
 # the fixmap).
 KERNEL_CODE = range(0xFFFFFFFF80000000, 0xFFFFFFFFFF000000)
 FRAME_SCAN = 0x200    # bytes of L1's stack searched, from RSP up
-FRAME_SPAN = 0x8000   # how far up a saved frame pointer may point (THREAD_SIZE with KASAN)
+FRAME_FUNC = 0x1000   # how far into the called function RIP may be
 
 
 def virt_to_phys(read: Any, sregs: dict[str, Any], va: int) -> int | None:
@@ -165,26 +165,31 @@ def l1_frame_pointer(read: Any, regs: dict[str, Any], sregs: dict[str, Any]) -> 
     The nested VM exit leaves in RBP what L1's hypervisor loaded into it for L2 before
     the VM entry: L2's RBP (VMRUN and #VMEXIT switch RIP, RSP and RAX, a VM exit the
     host-state area; neither RBP). Linux's VM-entry functions (__svm_vcpu_run,
-    __vmx_vcpu_run) set up a frame pointer first, and ORC unwinds them through it, so
-    an unwinder handed L2's RBP stops there. The frame is the first 8-byte slot at or
-    above RSP that holds a plausible saved RBP (an aligned address above the slot, less
-    than FRAME_SPAN above) followed by a return address into kernel code; that slot's
-    address is what RBP held before L1 loaded L2's."""
-    rsp = regs["rsp"]
-    if regs["rip"] not in KERNEL_CODE or rsp % 8:
+    __vmx_vcpu_run) push RBP and point it at the pushed value first, and ORC unwinds
+    them through RBP, so an unwinder handed L2's RBP stops there. Their frame is below
+    the return address of the call into them: the first 8-byte slot at or above RSP,
+    within FRAME_SCAN bytes, that holds an address in kernel code right after a direct
+    call (E8 rel32) whose target is at most FRAME_FUNC bytes before RIP, in L1's memory.
+    The frame pointer is the slot below it."""
+    rsp, rip = regs["rsp"], regs["rip"]
+    if rip not in KERNEL_CODE or rsp % 8:
         return None
 
-    def word(va: int) -> int | None:        # 8-aligned: within one page
+    def mem(va: int, n: int) -> bytes | None:      # within one page
         gpa = virt_to_phys(read, sregs, va)
-        raw = None if gpa is None else read(gpa, 8)
-        return None if raw is None else int.from_bytes(raw, "little")
+        raw = None if gpa is None else read(gpa, n)
+        return None if raw is None else bytes(raw)
 
-    here = word(rsp)
-    for slot in range(rsp, rsp + FRAME_SCAN, 8):
-        above = word(slot + 8)
-        if here is None or above is None:
+    for slot in range(rsp + 8, rsp + FRAME_SCAN, 8):
+        raw = mem(slot, 8)
+        if raw is None:
             return None
-        if slot < here <= slot + FRAME_SPAN and here % 8 == 0 and above in KERNEL_CODE:
-            return slot
-        here = above
+        ret = int.from_bytes(raw, "little")
+        if ret not in KERNEL_CODE:
+            continue
+        call = b"".join(mem(a, 1) or b"" for a in range(ret - 5, ret))   # may cross a page
+        if len(call) == 5 and call[0] == 0xE8:
+            target = ret + int.from_bytes(call[1:], "little", signed=True)
+            if target <= rip < target + FRAME_FUNC:
+                return slot - 8
     return None

@@ -228,55 +228,88 @@ def test_vmcore_default_uses_l1_state(tmp_path: Path, capsys: pytest.CaptureFixt
     assert cr[3] == 0x5000000                     # L1's CR3, not L2's 0x3000
 
 
-def l1_stack(cr3: int, va: int, gpa: int, words: list[int]) -> dict[int, bytes]:
-    """L1 guest RAM: a 4-level table at `cr3` mapping the page of `va` to `gpa` (tables
-    in the pages after cr3), and `words` at va."""
-    idx = [va >> s & 511 for s in (39, 30, 21, 12)]
-    ram = {cr3 + 0x1000 * n: u64s({i: cr3 + 0x1000 * (n + 1) | 3}) for n, i in enumerate(idx)}
-    ram[cr3 + 0x3000] = u64s({idx[3]: gpa | 3})
-    ram[gpa + (va & 0xFFF)] = b"".join(w.to_bytes(8, "little") for w in words)
-    return ram
+def l1_memory(cr3: int, data: dict[int, bytes]) -> dict[int, bytes]:
+    """L1 guest RAM holding `data` (L1 virtual address -> bytes, within a page) and a
+    4-level table at `cr3` that maps each page of it, tables and pages from cr3 up."""
+    ram: dict[int, bytearray] = {cr3: bytearray(4096)}
+    nxt = [cr3 + 0x1000]
+
+    def new() -> int:
+        nxt[0] += 0x1000
+        ram[nxt[0] - 0x1000] = bytearray(4096)
+        return nxt[0] - 0x1000
+
+    for va, b in data.items():
+        table = cr3
+        for shift in (39, 30, 21, 12):
+            i = (va >> shift & 511) * 8
+            entry = int.from_bytes(ram[table][i:i + 8], "little")
+            if not entry:
+                entry = new() | 3
+                ram[table][i:i + 8] = entry.to_bytes(8, "little")
+            table = entry & ~0xFFF
+        ram[table][va & 0xFFF:(va & 0xFFF) + len(b)] = b
+    return {g: bytes(b) for g, b in ram.items()}
+
+
+def call_into(rip: int, ret: int) -> bytes:
+    """The 5 bytes before return address `ret`: a direct call of a function at rip - 0x20."""
+    return b"\xe8" + (rip - 0x20 - ret).to_bytes(4, "little", signed=True)
+
+
+def q(*words: int) -> bytes:
+    return b"".join(w.to_bytes(8, "little") for w in words)
 
 
 @pytest.mark.parametrize("vendor", VENDORS)
 def test_vmcore_l1_frame_pointer(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                  vendor: str) -> None:
     """The nested VM exit leaves L2's RBP in L1's: the vmcore gets L1's frame pointer,
-    the slot on L1's stack below the first return address into kernel code that follows
-    a saved frame pointer (as __svm_vcpu_run / __vmx_vcpu_run leave it: RSP + 0x40)."""
+    the slot below the return address of the call into the function RIP is in (as
+    __svm_vcpu_run / __vmx_vcpu_run leave it: RSP + 0x40)."""
     v = cb.nested_vcpu(0, VENDORS[vendor])
-    rsp = v["l1_regs"]["rsp"]
+    rsp, rip = v["l1_regs"]["rsp"], v["l1_regs"]["rip"]
     v["l1_regs"]["rbp"] = 0x2B2B                  # L2's, as VMRUN / the VM exit leave it
     v["l1_sregs"]["cr3"] = 0x40000
-    words = [0xFFFF888012345000,                  # @svm / @vmx: not a frame pointer
-             rsp + 0x80, 0x1234000,               # a stack address, then not code
-             0x1, 0xFFFFFFFF81000010,             # code, after no stack address
-             0xFFFF888000001000, 0, 0,
-             rsp + 0x100, 0xFFFFFFFF8123ABCD]     # RSP + 0x40: saved RBP, return address
-    make_core(tmp_path / "core", [v], ram=l1_stack(0x40000, rsp, 0x50000, words))
+    ret, other, nocall = 0xFFFFFFFF8123ABCD, 0xFFFFFFFF8123B002, 0xFFFFFFFF8124A010
+    stack = q(0xFFFF888012345000, 0x1234000, 1,
+              nocall,                             # code, but after no call
+              other,                              # after a call of another function
+              0, 0, 0, 0xFFFF888000001000,
+              ret)                                # RSP + 0x48: the call into rip's
+    mem = l1_memory(0x40000, {rsp: stack, ret - 5: call_into(rip, ret),
+                              other - 5: b"\xe8" + (0x1000).to_bytes(4, "little"),
+                              nocall - 5: b"\x90" + call_into(rip, nocall)[1:]})
+    make_core(tmp_path / "core", [v], ram=mem)
     rc, err = vmcore_run(capsys, str(tmp_path / "core"), "-o", str(tmp_path / "vmcore"))
     assert rc == 0, err
     assert (f"vCPU 0 (CPU 0): RBP {rsp + 0x40:#x}, L1's frame pointer (RSP + 0x40 on its "
             f"stack), for unwinders; the register held L2's RBP 0x2b2b") in err
     pr = [dict(zip(USER_REGS, struct.unpack_from("<27Q", d, 112)))
           for n, t, d in elf_notes(tmp_path / "vmcore") if t == 1 and n == b"CORE"]
-    assert (pr[0]["rbp"], pr[0]["rsp"], pr[0]["rip"]) == (rsp + 0x40, rsp, v["l1_regs"]["rip"])
+    assert (pr[0]["rbp"], pr[0]["rsp"], pr[0]["rip"]) == (rsp + 0x40, rsp, rip)
     # kvmnote read shows the register as the note has it
     rc, out, _ = run(capsys, "read", "--json", str(tmp_path / "core"))
     assert json.loads(out)["vcpus"][0]["l1"]["regs"]["rbp"] == "0x2b2b"
 
 
-@pytest.mark.parametrize("rsp,words", [
-    (0xFFFFC90000008000, [0xFFFF888012345000] * 64 + [0xFFFFC90000008300, 0xFFFFFFFF81000000]),
-    (0xFFFFC90000008FE0, [0xFFFF888012345000] * 4),   # runs into a page L1 does not map
+@pytest.mark.parametrize("rsp,at_ret", [
+    (0xFFFFC90000008000, None),                   # the frame is past FRAME_SCAN (0x200)
+    (0xFFFFC90000008FE0, None),                   # the stack runs into an unmapped page
+    (0xFFFFC90000008000, b"\xe8\0\0\0\0"),        # a call, of the next instruction
 ])
 def test_vmcore_l1_frame_pointer_not_found(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                           rsp: int, words: list[int]) -> None:
-    """No frame within FRAME_SCAN (0x200) bytes, or none before the stack runs into a
-    page that L1 does not map: RBP stays, and the user is told."""
+                                           rsp: int, at_ret: bytes | None) -> None:
+    """No frame found: RBP stays, and the user is told."""
     v = cb.nested_vcpu(0, S.KVM_CORE_VENDOR_SVM)
     v["l1_regs"]["rsp"], v["l1_sregs"]["cr3"] = rsp, 0x40000
-    make_core(tmp_path / "core", [v], ram=l1_stack(0x40000, rsp, 0x50000, words))
+    ret = 0xFFFFFFFF8123ABCD
+    words = [0xFFFF888012345000] * 4 if rsp & 0xFFF else [0xFFFF888012345000] * 64 + [ret]
+    if at_ret:
+        words = [0, ret]
+    mem = l1_memory(0x40000, {rsp: q(*words),
+                              ret - 5: at_ret or call_into(v["l1_regs"]["rip"], ret)})
+    make_core(tmp_path / "core", [v], ram=mem)
     rc, err = vmcore_run(capsys, str(tmp_path / "core"), "-o", str(tmp_path / "vmcore"))
     assert rc == 0 and f"L1's frame pointer was not found on its stack at RSP {rsp:#x}: " \
         "RBP is L2's" in err
