@@ -16,6 +16,7 @@ EPILOG = """examples:
   kvmnote read --vcpu 2 core.qemu.1234     # only the vCPU with vcpu_id 2
   kvmnote read --all core.qemu.1234.zst    # plus MSRs, LAPIC, XSAVE... (compressed core)
   kvmnote read --json core | jq '.vcpus[].regs.rip'
+  kvmnote read --level 1 core              # nested guests: only L1's (the hypervisor's)
   coredumpctl dump 1234 | kvmnote read -  # a core on stdin
   kvmnote read --coredump qemu-system-x86  # the newest stored core of that command
 
@@ -32,6 +33,13 @@ VMCORE_EPILOG = """examples:
   kvmnote vmcore --coredump 1234 -o guest.vmcore      # systemd-coredump's core of PID 1234
   kvmnote vmcore --format kdump core.qemu.1234 -o guest.kdump  # makedumpfile's format, zstd
   kvmnote vmcore --format kdump --compress lzo core -o guest.kdump
+  kvmnote vmcore --level 2 core -o nested.vmcore      # the guest's own nested guest
+
+Nested virtualization: a vCPU that was running a nested guest (guest mode) goes into the
+vmcore with its hypervisor's (L1's) registers and CR3, as the nested VM exit will load
+them, so that crash and drgn unwind the guest kernel the VMM ran (said on stderr per
+vCPU). --level 2 writes the nested guest's vmcore instead: its memory as L1's EPT / NPT
+maps it, the registers of the vCPUs in guest mode (docs/vmcore.md).
 
 Formats: elf (QEMU's dump-guest-memory layout; a sparse file as large as guest RAM) or
 kdump (makedumpfile's kdump-compressed format: each non-zero page compressed, the zero
@@ -81,9 +89,9 @@ def _read(args: argparse.Namespace) -> int:
                 raise KvmnoteError(f"{core.path}: no vCPU with vcpu_id {args.vcpu} "
                                    f"(have {sorted({v.vcpu_id for v in core.vcpus})})")
         if args.json:
-            _emit(json.dumps(report.to_json(core, vcpus)) + "\n")
+            _emit(json.dumps(report.to_json(core, vcpus, level=args.level)) + "\n")
         else:
-            _emit(report.text(core, vcpus, args.all))
+            _emit(report.text(core, vcpus, args.all, args.level))
     return 0
 
 
@@ -110,6 +118,9 @@ def _vmcore(args: argparse.Namespace) -> int:
     common = dict(vm_index=args.vm, cpu_map=cpu_map, vmcoreinfo=info,
                   allow_partial=args.allow_partial, force=args.force,
                   progress=vmcore.tty_progress(sys.stderr))
+    if args.format == "kdump" and args.level == 2:
+        raise KvmnoteError("--level 2 writes the nested guest's vmcore as ELF only: "
+                           "use --format elf (then makedumpfile, if need be)")
     if args.format != "kdump" and (args.compress or args.dump_level is not None):
         raise KvmnoteError("--compress and --dump-level need --format kdump (the ELF "
                            "output leaves zero pages out as holes and compresses nothing)")
@@ -119,7 +130,10 @@ def _vmcore(args: argparse.Namespace) -> int:
                                     kdump.DEFAULT_COMPRESSION, dump_level=args.dump_level
                                     if args.dump_level is not None else 1, **common)
         else:
-            res = vmcore.write_vmcore(path, args.output, name=name, **common)
+            res = vmcore.write_vmcore(path, args.output, name=name, level=args.level,
+                                      **common)
+    for n in res.notes:
+        print(f"kvmnote: {n}", file=sys.stderr)
     for w in res.warnings:
         print(f"kvmnote: warning: {w}", file=sys.stderr)
     excluded = sum(m.size for m in res.missing if m.reason == vmcore.WHY[EXCLUDED])
@@ -179,6 +193,9 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--vcpu", type=int, metavar="N", help="only the vCPU with vcpu_id N")
     r.add_argument("--all", action="store_true",
                    help="also MSRs, debug registers, events, XCRs, XSAVE, LAPIC")
+    r.add_argument("--level", type=int, choices=(1, 2), help="a vCPU running a nested "
+                   "guest: show only L1's registers (the guest's hypervisor, as the nested "
+                   "VM exit will load them) or only L2's (the nested guest); default both")
     r.set_defaults(func=_read)
     v = sub.add_parser("vmcore", help="write the guest's vmcore (for crash, gdb, drgn)",
                        epilog=VMCORE_EPILOG,
@@ -205,6 +222,10 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("-d", "--dump-level", type=int, metavar="N", help="kdump: makedumpfile's "
                    "dump level: 0 or 1 (default; zero pages stored once), 2..31 through "
                    "makedumpfile")
+    v.add_argument("--level", type=int, choices=(1, 2), default=1, help="1 (default): "
+                   "the guest the VMM ran; a vCPU that was running a nested guest gives L1's "
+                   "state. 2: that nested guest's vmcore, its memory translated through "
+                   "L1's EPT / nested page table (refused without one)")
     v.set_defaults(func=_vmcore)
     t = sub.add_parser("triage", help="what each vCPU was doing, in short; automatic "
                        "reports of systemd-coredump's crashes", epilog=TRIAGE_EPILOG,

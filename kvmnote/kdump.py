@@ -315,7 +315,7 @@ def write_kdump(core_path: str, out_path: str, *, vm_index: int | None = None,
             raise KvmnoteError(f"{core.path}: VM {vm.vm_index} has no vCPU notes")
         cpus = V.assign_cpus(vm.vcpus, cpu_map)
         result = V.Result([(c, v.vcpu_id) for c, v in cpus], [(g, s) for g, s, _ in slots])
-        cpu_notes = V._cpu_notes(cpus, allow_partial, result)
+        cpu_notes = V.l1_cpu_notes(core, vm, cpus, allow_partial, result)
         info_room = len(V._note(V.S.VMCOREINFO_NOTE_NAME, 0, vmcoreinfo
                                 if vmcoreinfo is not None else bytes(V.VMCOREINFO_MAX)))
         max_pfn = max((g + s + PAGE - 1) // PAGE for g, s, _ in slots)

@@ -109,6 +109,8 @@ def _decode(rtype: int, payload: bytes, what: str) -> Any:
     if len(payload) < S.size(struct):
         raise CorruptNoteError(f"{what}: payload is {len(payload)} bytes, shorter "
                                f"than its struct ({S.size(struct)})")
+    if rtype == S.KVM_CORE_REC_NESTED:
+        return _nested(payload, what)
     if rtype == S.KVM_CORE_REC_XSAVE:
         return bytes(payload)
     if rtype == S.KVM_CORE_REC_LAPIC:
@@ -123,6 +125,23 @@ def _decode(rtype: int, payload: bytes, what: str) -> Any:
                                    f"payload has {len(payload)}")
         return [S.parse(entry, payload[hsize + i * esize:]) for i in range(count)]
     return S.parse(struct, payload)
+
+
+def _nested(payload: bytes, what: str) -> dict[str, Any]:
+    """struct kvm_nested_state: its header, the vendor header by `format` ("vmx" or
+    "svm"), and "data" (header.size - 128 bytes: vmcs12 [shadow_vmcs12] or vmcb12)."""
+    st = S.parse(S.kvm_nested_state, payload)
+    hsize = S.size(S.kvm_nested_state)
+    if not hsize <= st["size"] <= len(payload):
+        raise CorruptNoteError(f"{what}: kvm_nested_state.size {st['size']} is outside "
+                               f"[{hsize}, {len(payload)}] (the payload)")
+    fmt = S.NESTED_FORMATS.get(st["format"])
+    hdr = st.pop("hdr")
+    if fmt is not None:
+        st[fmt] = S.parse(S.kvm_vmx_nested_state_hdr if fmt == "vmx"
+                          else S.kvm_svm_nested_state_hdr, hdr)
+    st["data"] = bytes(payload[hsize:st["size"]])
+    return st
 
 
 def parse_desc(ntype: int, desc: bytes, where: str) -> Vm | Vcpu | Dropped:

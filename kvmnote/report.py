@@ -3,9 +3,10 @@
 from collections.abc import Callable
 from typing import Any
 
-from construct import Array, Construct, FormatField, Renamed, Struct
+from construct import Array, Construct, FormatField, Int64ul, Pointer, Renamed, Struct
 
 from . import decode as D
+from . import nested as N
 from . import schema as S
 from .core import EXCLUDED_FIX, EXCLUDED_WHY, TRUNCATED_WHY, Core
 from .notes import Vcpu, Vm
@@ -27,7 +28,7 @@ def hex64(con: Construct, value: Any) -> Any:
     """`value`, parsed with `con`, with every field `con` declares as a 64-bit integer
     written as a "0x..." string (JSON numbers lose precision above 2^53 in jq 1.6 and
     JavaScript); keys that `con` does not declare are kept as they are."""
-    if isinstance(con, Renamed):
+    if isinstance(con, (Renamed, Pointer)):
         return hex64(con.subcon, value)
     if isinstance(con, Struct) and isinstance(value, dict):
         subs = {sub.name: sub for sub in con.subcons}
@@ -55,15 +56,80 @@ def vm_json(vm: Vm, h: Typed = hex64) -> dict[str, Any]:
             "unknown_records": [{"type": t, "size": s} for t, s in vm.unknown_records]}
 
 
-def vcpu_json(vcpu: Vcpu, h: Typed = hex64) -> dict[str, Any]:
-    """A vCPU as kvmnote-read/2 JSON."""
+# What L1_REGS / L1_SREGS2 hold (docs/note-format.md).
+L1_SOURCE = "as the nested VM exit that ends guest mode will load them"
+L2_EXIT = "the nested guest's last exit to KVM, which L1 may never see"
+
+
+def _levels(vcpu: Vcpu, level: int | None) -> tuple[int, bool]:
+    """(level whose registers go in "regs"/"sregs", whether an "l1" object follows)."""
+    if not N.guest_mode(vcpu):
+        return 1, False
+    return (level or 2), level is None
+
+
+def nested_json(nested: dict[str, Any], h: Typed = hex64) -> dict[str, Any]:
+    """The NESTED record (struct kvm_nested_state) as JSON: header, flags, L1's last
+    exit from vmcs12 / vmcb12, and how L1 maps its nested guest's memory."""
+    fmt = S.NESTED_FORMATS.get(nested["format"], f"unknown_{nested['format']}")
+    out: dict[str, Any] = {
+        "format": fmt, "flags": nested["flags"],
+        "flags_names": D.bits(nested["flags"], S.NESTED_FLAG_NAMES),
+        "nested_run_pending": bool(nested["flags"] & S.KVM_STATE_NESTED_RUN_PENDING),
+        "size": nested["size"], "data_hex": nested["data"].hex()}
+    if "vmx" in nested:
+        hdr = nested["vmx"]
+        out["vmx"] = {**_clean(h(S.kvm_vmx_nested_state_hdr, hdr)),
+                      "smm_flags_names": D.bits(hdr["smm"]["flags"],
+                                                S.NESTED_SMM_FLAG_NAMES)}
+        out["shadow_vmcs12"] = len(nested["data"]) >= 2 * S.KVM_STATE_NESTED_VMX_VMCS_SIZE
+    if "svm" in nested:
+        out["svm"] = h(S.kvm_svm_nested_state_hdr, nested["svm"])
+    v = N.vmcs12(nested)
+    if v is not None:
+        out["vmcs12"] = h(S.vmcs12, v)
+        out["l1_last_exit"] = {
+            "source": "vmcs12", "exit_reason": v["vm_exit_reason"],
+            "reason_name": D.vmx_exit_reason(v["vm_exit_reason"]),
+            "exit_qualification": h(Int64ul, v["exit_qualification"]),
+            "guest_physical_address": h(Int64ul, v["guest_physical_address"])}
+    c = N.vmcb12(nested)
+    if c is not None:
+        ctl, save = c
+        out["vmcb12"] = {"control": h(S.vmcb_control, ctl), "save_l1": h(S.vmcb_save, save)}
+        out["l1_last_exit"] = {
+            "source": "vmcb12", "exit_code": h(Int64ul, ctl["exit_code"]),
+            "reason_name": D.svm_exit_code(ctl["exit_code"]),
+            "exit_info_1": h(Int64ul, ctl["exit_info_1"]),
+            "exit_info_2": h(Int64ul, ctl["exit_info_2"])}
+    p = N.paging(nested)
+    if p is not None:
+        out["nested_paging"] = {**p, "root": h(Int64ul, p["root"])}
+    return out
+
+
+def vcpu_json(vcpu: Vcpu, h: Typed = hex64, level: int | None = None) -> dict[str, Any]:
+    """A vCPU as kvmnote-read/2 JSON; `level` 1 or 2 picks which level's registers a
+    vCPU in guest mode shows (default: both, L2's in "regs", L1's in "l1")."""
     r = vcpu.records
     out: dict[str, Any] = {**_clean(h(S.kvm_core_vcpu, vcpu.info)),
                            "vendor": D.vendor(vcpu.info["vendor"]),
                            "status": D.status(vcpu.info["status"]),
                            "error": D.error(vcpu.info["error"])}
-    for name, con in (("regs", S.kvm_regs), ("sregs", S.kvm_sregs2),
-                      ("debugregs", S.kvm_debugregs), ("events", S.kvm_vcpu_events)):
+    shown, both = _levels(vcpu, level)
+    if N.guest_mode(vcpu) or "nested" in r or level is not None:
+        out["guest_mode"] = N.guest_mode(vcpu)
+        out["level"] = level or shown
+    regs, sregs = N.state(vcpu, level or shown)
+    for name, con, val in (("regs", S.kvm_regs, regs), ("sregs", S.kvm_sregs2, sregs)):
+        if val is not None:
+            out[name] = _clean(h(con, val))
+    if both:
+        l1regs, l1sregs = N.state(vcpu, 1)
+        if l1regs is not None and l1sregs is not None:
+            out["l1"] = {"regs": _clean(h(S.kvm_regs, l1regs)),
+                         "sregs": _clean(h(S.kvm_sregs2, l1sregs)), "source": L1_SOURCE}
+    for name, con in (("debugregs", S.kvm_debugregs), ("events", S.kvm_vcpu_events)):
         if name in r:
             out[name] = _clean(h(con, r[name]))
     if "mp_state" in r:
@@ -92,6 +158,10 @@ def vcpu_json(vcpu: Vcpu, h: Typed = hex64) -> dict[str, Any]:
     elif "svm_exit" in r:
         out["exit"] = {"type": "svm", **_clean(h(S.kvm_core_svm_exit, r["svm_exit"])),
                        "reason_name": D.svm_exit_code(r["svm_exit"]["exit_code"])}
+    if "exit" in out and N.guest_mode(vcpu):
+        out["exit"].update(level=2, meaning=L2_EXIT)
+    if "nested" in r:
+        out["nested"] = nested_json(r["nested"], h)
     out["unknown_records"] = [{"type": t, "size": s} for t, s in vcpu.unknown_records]
     return out
 
@@ -103,14 +173,15 @@ def signal(core: Core) -> int | None:
     return next((t.cursig for t in core.threads if t.cursig), None)
 
 
-def to_json(core: Core, vcpus: list[Vcpu], h: Typed = hex64) -> dict[str, Any]:
+def to_json(core: Core, vcpus: list[Vcpu], h: Typed = hex64,
+            level: int | None = None) -> dict[str, Any]:
     """The whole kvmnote-read/2 document for `core`, listing `vcpus` (with h=as_is:
-    every integer as a Python int, for the text report)."""
+    every integer as a Python int, for the text report); `level` as in vcpu_json."""
     return {"schema": SCHEMA,
             "core": {"path": core.path, "pid": core.pid, "comm": core.comm,
                      "signal": signal(core)},
             "vms": [{**vm_json(vm, h), "guest_ram": core.guest_ram(vm)} for vm in core.vms],
-            "vcpus": [vcpu_json(v, h) for v in vcpus],
+            "vcpus": [vcpu_json(v, h, level) for v in vcpus],
             "dropped": [_clean(d.info) for d in core.dropped],
             "warnings": core.warnings}
 
@@ -120,9 +191,9 @@ def _flags(value: int, names: dict[int, str]) -> str:
     return f"{value:#x} [{' '.join(D.bits(value, names))}]"
 
 
-def text(core: Core, vcpus: list[Vcpu], full: bool) -> str:
-    """Human-readable report of the VMs and `vcpus`."""
-    doc = to_json(core, vcpus, as_is)
+def text(core: Core, vcpus: list[Vcpu], full: bool, level: int | None = None) -> str:
+    """Human-readable report of the VMs and `vcpus` (`level` as in vcpu_json)."""
+    doc = to_json(core, vcpus, as_is, level)
     c = doc["core"]
     out = [f"core {c['path']}: pid {c['pid']} comm {c['comm']} signal {c['signal']}"]
     for vm in doc["vms"]:
@@ -179,38 +250,103 @@ def _vcpu_text(v: dict[str, Any], raw: Vcpu, full: bool) -> list[str]:
     out = [f"\nvCPU {v['vcpu_id']} (idx {v['vcpu_idx']}, VM {v['vm_index']}, "
            f"{v['vendor']}): status {' '.join(v['status']) or '-'}"
            + (f", error {v['error']}" if v["error"] else "") + f", tid {v['tid']}"]
-    regs, sregs = v.get("regs"), v.get("sregs")
-    if regs:
-        out.append(f"  RIP {regs['rip']:#018x}  RSP {regs['rsp']:#018x}  RFLAGS "
-                   f"{regs['rflags']:#x} [{' '.join(D.rflags(regs['rflags']))}]")
-        names = ["rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp",
-                 *(f"r{i}" for i in range(8, 16))]
-        for i in range(0, len(names), 4):
-            out.append("  " + "  ".join(f"{n.upper():>3} {regs[n]:#018x}"
-                                        for n in names[i:i + 4]))
-    if sregs:
-        mode, cpl = D.cpu_mode(sregs, regs["rflags"] if regs else 0)
-        out.append(f"  mode {mode}, CPL {cpl}")
-        out.append(f"  CR0 {_flags(sregs['cr0'], D.CR0)}  CR2 {sregs['cr2']:#x}  "
-                   f"CR3 {sregs['cr3']:#x}  CR8 {sregs['cr8']:#x}")
-        out.append(f"  CR4 {_flags(sregs['cr4'], D.CR4)}  EFER {_flags(sregs['efer'], D.EFER)}")
-        for s in ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt"):
-            seg = sregs[s]
-            out.append(f"  {s.upper():<3} sel {seg['selector']:#06x} base {seg['base']:#018x} "
-                       f"limit {seg['limit']:#010x} {D.segment_attrs(seg)}")
-        out.append(f"  GDT base {sregs['gdt']['base']:#018x} limit {sregs['gdt']['limit']:#x}"
-                   f"  IDT base {sregs['idt']['base']:#018x} limit {sregs['idt']['limit']:#x}")
+    gm = v.get("guest_mode", False)
+    if gm:
+        out.append("  guest mode: running a nested guest (L2); L1 is the guest's own "
+                   "hypervisor")
+    if v.get("level") == 2 and not gm:
+        out.append("  not in guest mode: no nested guest (L2) registers")
+    elif gm and v["level"] == 1 and "regs" not in v:
+        out.append("  L1 registers: not in this core (note format before 1.2)")
+    if gm and "regs" in v:
+        out.append(f"  L{v['level']} " + ("(nested guest) registers:" if v["level"] == 2
+                                          else f"(hypervisor) registers, {L1_SOURCE}:"))
+    out += _regs_text(v.get("regs"), v.get("sregs"), "    " if gm else "  ")
+    if "l1" in v:
+        out.append(f"  L1 (hypervisor) registers, {L1_SOURCE}:")
+        out += _regs_text(v["l1"]["regs"], v["l1"]["sregs"], "    ")
     if "exit" in v:
         e = v["exit"]
         code = e["exit_reason"] if e["type"] == "vmx" else e["exit_code"]
         detail = (f"qualification {e['exit_qualification']:#x}" if e["type"] == "vmx"
                   else f"info1 {e['exit_info_1']:#x} info2 {e['exit_info_2']:#x}")
-        out.append(f"  last exit ({e['type']}): {e['reason_name']} ({code:#x}), {detail}")
+        what = f"L2's last exit to KVM ({e['type']}; L1 may never see it)" \
+            if e.get("level") == 2 else f"last exit ({e['type']})"
+        out.append(f"  {what}: {e['reason_name']} ({code:#x}), {detail}")
+    if "nested" in v:
+        out += _nested_text(v["nested"])
     if v["unknown_records"]:
         out.append("  unknown records: " + ", ".join(
             f"type {u['type']} ({u['size']} bytes)" for u in v["unknown_records"]))
     if full:
         out += _full_text(v)
+    return out
+
+
+def _regs_text(regs: dict[str, Any] | None, sregs: dict[str, Any] | None,
+               ind: str) -> list[str]:
+    """Lines of a kvm_regs and kvm_sregs2, each line indented by `ind`."""
+    out = []
+    if regs:
+        out.append(f"{ind}RIP {regs['rip']:#018x}  RSP {regs['rsp']:#018x}  RFLAGS "
+                   f"{regs['rflags']:#x} [{' '.join(D.rflags(regs['rflags']))}]")
+        names = ["rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp",
+                 *(f"r{i}" for i in range(8, 16))]
+        for i in range(0, len(names), 4):
+            out.append(ind + "  ".join(f"{n.upper():>3} {regs[n]:#018x}"
+                                       for n in names[i:i + 4]))
+    if sregs:
+        mode, cpl = D.cpu_mode(sregs, regs["rflags"] if regs else 0)
+        out.append(f"{ind}mode {mode}, CPL {cpl}")
+        out.append(f"{ind}CR0 {_flags(sregs['cr0'], D.CR0)}  CR2 {sregs['cr2']:#x}  "
+                   f"CR3 {sregs['cr3']:#x}  CR8 {sregs['cr8']:#x}")
+        out.append(f"{ind}CR4 {_flags(sregs['cr4'], D.CR4)}  "
+                   f"EFER {_flags(sregs['efer'], D.EFER)}")
+        for s in ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt"):
+            seg = sregs[s]
+            out.append(f"{ind}{s.upper():<3} sel {seg['selector']:#06x} "
+                       f"base {seg['base']:#018x} limit {seg['limit']:#010x} "
+                       f"{D.segment_attrs(seg)}")
+        out.append(f"{ind}GDT base {sregs['gdt']['base']:#018x} "
+                   f"limit {sregs['gdt']['limit']:#x}  "
+                   f"IDT base {sregs['idt']['base']:#018x} limit {sregs['idt']['limit']:#x}")
+    return out
+
+
+def _gpa(addr: int) -> str:
+    """A guest-physical address of the nested state; -1 (INVALID_GPA) is "none"."""
+    return "none" if addr == (1 << 64) - 1 else f"{addr:#x}"
+
+
+def _nested_text(n: dict[str, Any]) -> list[str]:
+    """Lines of the NESTED record."""
+    head = f"  nested state ({n['format']}): flags {n['flags']:#x} " \
+           f"[{' '.join(n['flags_names'])}]"
+    if "vmx" in n:
+        x = n["vmx"]
+        head += (f", vmxon {_gpa(x['vmxon_pa'])}, vmcs12 {_gpa(x['vmcs12_pa'])}"
+                 + (f", SMM [{' '.join(x['smm_flags_names'])}]" if x["smm_flags_names"] else "")
+                 + (", shadow vmcs12" if n["shadow_vmcs12"] else ""))
+    if "svm" in n:
+        head += f", vmcb12 {n['svm']['vmcb_pa']:#x}"
+    out = [head]
+    if n["nested_run_pending"]:
+        out.append("    nested_run_pending: L1's VMLAUNCH/VMRESUME/VMRUN is not complete "
+                   "(L2 has not run an instruction yet)")
+    e = n.get("l1_last_exit")
+    if e and e["source"] == "vmcs12":
+        out.append(f"    L1's last exit seen (vmcs12): {e['reason_name']} "
+                   f"({e['exit_reason']:#x}), qualification {e['exit_qualification']:#x}, "
+                   f"GPA {e['guest_physical_address']:#x}")
+    elif e:
+        out.append(f"    L1's last exit seen (vmcb12): {e['reason_name']} "
+                   f"({e['exit_code']:#x}), info1 {e['exit_info_1']:#x} "
+                   f"info2 {e['exit_info_2']:#x}")
+    p = n.get("nested_paging")
+    if p:
+        what = {"ept": "EPT, EPTP", "npt": "nested paging (NPT), nCR3"}[p["type"]]
+        out.append(f"    {what} {p['root']:#x} ({p['levels']}-level)" if p["enabled"]
+                   else f"    {p['type'].upper()} off: L1 uses shadow paging for L2")
     return out
 
 

@@ -8,7 +8,7 @@ from functools import cache
 from typing import Any
 
 from construct import (Array, Bytes, Construct, Int8ul, Int16ul, Int32sl, Int32ul,
-                       Int64ul, Struct, this)
+                       Int64ul, Pointer, Struct, this)
 
 # ELF note owner name and note types.
 KVM_CORE_NOTE_NAME = b"KVM"
@@ -17,7 +17,7 @@ NT_KVM_VM = 0x4B564D56  # "KVMV"
 NT_KVM_DROPPED = 0x4B564D44  # "KVMD" (1.1)
 
 KVM_CORE_VERSION_MAJOR = 1
-KVM_CORE_VERSION_MINOR = 1
+KVM_CORE_VERSION_MINOR = 2
 
 # Record types.
 KVM_CORE_REC_VCPU = 1
@@ -34,6 +34,12 @@ KVM_CORE_REC_VMX_EXIT = 11
 KVM_CORE_REC_SVM_EXIT = 12
 KVM_CORE_REC_CPUID = 13  # 1.1
 KVM_CORE_REC_TSC = 14  # 1.1
+# 1.2, a vCPU in guest mode: its hypervisor's (L1's) registers as the nested VM exit
+# that ends guest mode will load them (the records above are then the nested guest's).
+KVM_CORE_REC_L1_REGS = 15
+KVM_CORE_REC_L1_SREGS2 = 32
+# 1.2, a vCPU whose guest uses nested virtualization: KVM_GET_NESTED_STATE's buffer.
+KVM_CORE_REC_NESTED = 33
 KVM_CORE_REC_VM = 16
 KVM_CORE_REC_MEMSLOTS = 17
 KVM_CORE_REC_DROPPED = 18  # 1.1
@@ -192,6 +198,68 @@ kvm_cpuid_entry2 = Struct(
 # Fixed part of struct kvm_cpuid2; `nent` kvm_cpuid_entry2 follow.
 kvm_cpuid2_header = Struct("nent" / Int32ul, "padding" / Int32ul)
 
+# struct kvm_nested_state (KVM_GET_NESTED_STATE): 128-byte header, then `size` - 128
+# bytes of data: VMX vmcs12 [, shadow_vmcs12]; SVM vmcb12 (control area, then the save
+# area, where KVM puts L1's vmcb01 save area).
+kvm_nested_state = Struct("flags" / Int16ul, "format" / Int16ul, "size" / Int32ul,
+                          "hdr" / Bytes(120))
+kvm_vmx_nested_state_hdr = Struct(
+    "vmxon_pa" / Int64ul, "vmcs12_pa" / Int64ul, "smm" / Struct("flags" / Int16ul),
+    "pad" / Int16ul, "flags" / Int32ul, "preemption_timer_deadline" / Int64ul)
+kvm_svm_nested_state_hdr = Struct("vmcb_pa" / Int64ul)
+KVM_STATE_NESTED_FORMAT_VMX = 0
+KVM_STATE_NESTED_FORMAT_SVM = 1
+KVM_STATE_NESTED_GUEST_MODE = 0x1
+KVM_STATE_NESTED_RUN_PENDING = 0x2
+KVM_STATE_NESTED_EVMCS = 0x4
+KVM_STATE_NESTED_MTF_PENDING = 0x8
+KVM_STATE_NESTED_GIF_SET = 0x100
+KVM_STATE_NESTED_SMM_GUEST_MODE = 0x1
+KVM_STATE_NESTED_SMM_VMXON = 0x2
+KVM_STATE_VMX_PREEMPTION_TIMER_DEADLINE = 0x1
+KVM_STATE_NESTED_VMX_VMCS_SIZE = 0x1000
+KVM_STATE_NESTED_SVM_VMCB_SIZE = 0x1000
+NESTED_FORMATS = {KVM_STATE_NESTED_FORMAT_VMX: "vmx", KVM_STATE_NESTED_FORMAT_SVM: "svm"}
+NESTED_FLAG_NAMES = {0: "guest_mode", 1: "nested_run_pending", 2: "evmcs",
+                     3: "mtf_pending", 8: "gif_set"}   # bit number -> name (decode.bits)
+NESTED_SMM_FLAG_NAMES = {0: "guest_mode", 1: "vmxon"}
+
+# The fields kvmnote reads from the nested state's data: KVM's struct vmcs12
+# (arch/x86/kvm/vmx/vmcs12.h, its CHECK_OFFSET lines) and the VMCB's control area
+# (arch/x86/include/asm/svm.h, the AMD APM).  Kernel-internal layouts, not UAPI: views
+# by offset into the 4096-byte vmcs12 / vmcb12.
+vmcs12 = Struct(*(name / Pointer(off, con) for name, off, con in (
+    ("revision_id", 0, Int32ul), ("launch_state", 8, Int32ul),
+    ("ept_pointer", 120, Int64ul), ("guest_physical_address", 168, Int64ul),
+    ("vmcs_link_pointer", 176, Int64ul), ("exit_qualification", 408, Int64ul),
+    ("guest_linear_address", 416, Int64ul), ("guest_cr0", 424, Int64ul),
+    ("guest_cr3", 432, Int64ul), ("guest_cr4", 440, Int64ul), ("guest_rsp", 536, Int64ul),
+    ("guest_rip", 544, Int64ul), ("guest_rflags", 552, Int64ul),
+    ("host_cr0", 584, Int64ul), ("host_cr3", 592, Int64ul), ("host_cr4", 600, Int64ul),
+    ("host_rsp", 664, Int64ul), ("host_rip", 672, Int64ul),
+    ("pin_based_vm_exec_control", 744, Int32ul), ("cpu_based_vm_exec_control", 748, Int32ul),
+    ("secondary_vm_exec_control", 804, Int32ul), ("vm_instruction_error", 808, Int32ul),
+    ("vm_exit_reason", 812, Int32ul), ("vm_exit_intr_info", 816, Int32ul),
+    ("idt_vectoring_info_field", 824, Int32ul), ("virtual_processor_id", 960, Int16ul))))
+CPU_BASED_ACTIVATE_SECONDARY_CONTROLS = 1 << 31
+SECONDARY_EXEC_ENABLE_EPT = 1 << 1
+VMX_EPTP_PWL_MASK, VMX_EPTP_PWL_SHIFT = 0x38, 3   # page-walk length - 1, bits 5:3
+
+vmcb_control = Struct(*(name / Pointer(off, con) for name, off, con in (
+    ("intercepts", 0x00, Array(5, Int32ul)), ("tsc_offset", 0x50, Int64ul),
+    ("asid", 0x58, Int32ul), ("int_ctl", 0x60, Int32ul), ("int_state", 0x68, Int32ul),
+    ("exit_code", 0x70, Int64ul), ("exit_info_1", 0x78, Int64ul),
+    ("exit_info_2", 0x80, Int64ul), ("exit_int_info", 0x88, Int32ul),
+    ("exit_int_info_err", 0x8C, Int32ul), ("nested_ctl", 0x90, Int64ul),
+    ("event_inj", 0xA8, Int32ul), ("event_inj_err", 0xAC, Int32ul),
+    ("nested_cr3", 0xB0, Int64ul), ("next_rip", 0xC8, Int64ul))))
+VMCB_SAVE_AREA_OFFSET = 0x400
+# struct vmcb_save_area fields, at their offsets in the 4096-byte vmcb12 (0x400 + ...).
+vmcb_save = Struct(*(name / Pointer(VMCB_SAVE_AREA_OFFSET + off, Int64ul) for name, off in (
+    ("efer", 0xD0), ("cr4", 0x148), ("cr3", 0x150), ("cr0", 0x158), ("rflags", 0x170),
+    ("rip", 0x178), ("rsp", 0x1D8), ("rax", 0x1F8))))
+SVM_NESTED_CTL_NP_ENABLE = 1 << 0
+
 # First bytes of the XSAVE area that kvmnote decodes (legacy region + header).
 xsave_prefix = Struct(
     "fcw" / Int16ul, "fsw" / Int16ul, "ftw" / Int8ul, "reserved" / Int8ul,
@@ -287,11 +355,15 @@ RECORDS: dict[int, tuple[str, Construct]] = {
     KVM_CORE_REC_SVM_EXIT: ("svm_exit", kvm_core_svm_exit),
     KVM_CORE_REC_CPUID: ("cpuid", kvm_cpuid2_header),
     KVM_CORE_REC_TSC: ("tsc", kvm_core_tsc),
+    KVM_CORE_REC_L1_REGS: ("l1_regs", kvm_regs),
+    KVM_CORE_REC_L1_SREGS2: ("l1_sregs", kvm_sregs2),
+    KVM_CORE_REC_NESTED: ("nested", kvm_nested_state),
     KVM_CORE_REC_VM: ("vm", kvm_core_vm),
     KVM_CORE_REC_MEMSLOTS: ("memslots", kvm_core_memslot),
     KVM_CORE_REC_DROPPED: ("dropped", kvm_core_dropped),
 }
-VCPU_RECORDS = frozenset(range(KVM_CORE_REC_VCPU, KVM_CORE_REC_TSC + 1))
+VCPU_RECORDS = frozenset(range(KVM_CORE_REC_VCPU, KVM_CORE_REC_TSC + 1)) | {
+    KVM_CORE_REC_L1_REGS, KVM_CORE_REC_L1_SREGS2, KVM_CORE_REC_NESTED}
 VM_RECORDS = frozenset({KVM_CORE_REC_VM, KVM_CORE_REC_MEMSLOTS})
 DROPPED_RECORDS = frozenset({KVM_CORE_REC_DROPPED})
 
@@ -306,7 +378,9 @@ STRUCTS: dict[str, Construct] = {
     "kvm_msrs": kvm_msrs_header, "kvm_lapic_state": kvm_lapic_state,
     "kvm_mp_state": kvm_mp_state, "kvm_core_tsc": kvm_core_tsc,
     "kvm_core_dropped": kvm_core_dropped, "kvm_cpuid_entry2": kvm_cpuid_entry2,
-    "kvm_cpuid2": kvm_cpuid2_header,
+    "kvm_cpuid2": kvm_cpuid2_header, "kvm_nested_state": kvm_nested_state,
+    "kvm_vmx_nested_state_hdr": kvm_vmx_nested_state_hdr,
+    "kvm_svm_nested_state_hdr": kvm_svm_nested_state_hdr,
 }
 
 

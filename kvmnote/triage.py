@@ -109,6 +109,12 @@ def triage(core: Core, crash: dict[str, Any] | None = None) -> dict[str, Any]:
                 missing.append(f"VM {vm.vm_index}: vCPU {v.vcpu_id} has no registers "
                                f"(status {','.join(j['status']) or '-'}"
                                f"{', error ' + j['error'] if j['error'] else ''})")
+            if j.get("guest_mode"):         # the registers above are the nested guest's
+                cpu["guest_mode"] = True
+                if "l1" in j:
+                    mode, cpl = D.cpu_mode(j["l1"]["sregs"], j["l1"]["regs"]["rflags"])
+                    cpu["l1"] = {"mode": mode, "cpl": cpl, "rip": _h(j["l1"]["regs"]["rip"]),
+                                 "rsp": _h(j["l1"]["regs"]["rsp"])}
             if "exit" in j:
                 e = j["exit"]
                 code = e["exit_reason"] if e["type"] == "vmx" else e["exit_code"]
@@ -137,12 +143,19 @@ def text(doc: dict[str, Any]) -> str:
                    f"kernel {vm['guest_kernel'] or 'unknown'}")
         for cpu in vm["vcpus"]:
             line = f"  vCPU {cpu['vcpu_id']}: "
+            if cpu.get("guest_mode"):
+                line += "in a nested guest (L2): "
             if "rip" in cpu:
                 line += f"{cpu['mode']} CPL {cpu['cpl']}, RIP {cpu['rip']}, RSP {cpu['rsp']}"
             else:
                 line += "no registers"
             if "exit" in cpu:
-                line += f", last exit {cpu['exit']['reason']} ({cpu['exit']['code']})"
+                line += f", last exit {cpu['exit']['reason']} ({cpu['exit']['code']})" \
+                    + (" to KVM" if cpu.get("guest_mode") else "")
+            if "l1" in cpu:
+                a = cpu["l1"]
+                line += (f"; its hypervisor (L1) at the nested VM exit: {a['mode']} CPL "
+                         f"{a['cpl']}, RIP {a['rip']}, RSP {a['rsp']}")
             line += f", status {' '.join(cpu['status']) or '-'}"
             if cpu["error"]:
                 line += f", error {cpu['error']}"

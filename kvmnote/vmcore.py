@@ -6,6 +6,7 @@ then one QEMU note (QEMUCPUState) per CPU, then the guest kernel's VMCOREINFO; a
 PT_LOAD per guest RAM slot with p_paddr = p_vaddr = guest-physical address.
 """
 
+import bisect
 import os
 import stat
 import sys
@@ -13,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import nested as N
 from . import schema as S
 from .core import (EXCLUDED, EXCLUDED_FIX, EXCLUDED_WHY, TRUNCATED_WHY, UNMAPPED, Core,
                    open_core)
@@ -63,6 +65,7 @@ class Result:
     missing: list[Missing] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     stateless: list[int] = field(default_factory=list)   # CPUs written with zero registers
+    notes: list[str] = field(default_factory=list)       # what the user should know, not bad
     vmcoreinfo: str | None = None         # "guest RAM at 0x...", "given", or None
 
     @property
@@ -130,12 +133,15 @@ def _seg_flags(seg: dict[str, int]) -> int:
             | seg["db"] << S.DESC_B_SHIFT | seg["g"] << S.DESC_G_SHIFT)
 
 
-def prstatus_desc(cpu: int, vcpu: Vcpu | None) -> bytes:
+State = tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]   # regs, sregs, msrs
+
+
+def prstatus_desc(cpu: int, state: State | None) -> bytes:
     """NT_PRSTATUS of guest CPU `cpu` as QEMU writes it (zeros but pr_pid without state)."""
     st = S.zeroed(S.elf_prstatus)
     st["pr_pid"] = cpu + 1
-    if vcpu is not None:
-        regs, sregs = vcpu.records["regs"], vcpu.records["sregs"]
+    if state is not None:
+        regs, sregs, _ = state
         reg = st["pr_reg"]
         for name in S.USER_REGS:
             if name in regs:
@@ -146,12 +152,12 @@ def prstatus_desc(cpu: int, vcpu: Vcpu | None) -> bytes:
     return S.elf_prstatus.build(st)
 
 
-def qemu_desc(vcpu: Vcpu | None) -> bytes:
+def qemu_desc(state: State | None) -> bytes:
     """The QEMU note's QEMUCPUState (version 1, with kernel_gs_base) of a vCPU."""
     st = S.zeroed(S.QEMUCPUState)
     st.update(version=S.QEMUCPUSTATE_VERSION, size=S.size(S.QEMUCPUState))
-    if vcpu is not None:
-        regs, sregs = vcpu.records["regs"], vcpu.records["sregs"]
+    if state is not None:
+        regs, sregs, msrs_list = state
         st.update({k: v for k, v in regs.items() if k in st})
         for name in ("cs", "ds", "es", "fs", "gs", "ss", "ldt", "tr"):
             seg = sregs[name]
@@ -161,7 +167,7 @@ def qemu_desc(vcpu: Vcpu | None) -> bytes:
             st[name] = {"selector": 0, "limit": sregs[name]["limit"], "flags": 0, "pad": 0,
                         "base": sregs[name]["base"]}
         st["cr"] = [sregs["cr0"], 0, sregs["cr2"], sregs["cr3"], sregs["cr4"]]
-        msrs = {m["index"]: m["data"] for m in vcpu.records.get("msrs", [])}
+        msrs = {m["index"]: m["data"] for m in msrs_list}
         st["kernel_gs_base"] = msrs.get(S.MSR_KERNEL_GS_BASE, 0)
     return S.QEMUCPUState.build(st)
 
@@ -422,12 +428,56 @@ def _smm_warnings(cpus: list[tuple[int, Vcpu]]) -> list[str]:
     return out
 
 
-def _cpu_notes(cpus: list[tuple[int, Vcpu]], allow_partial: bool, result: Result) -> bytes:
-    """All NT_PRSTATUS notes, then all QEMU notes, in CPU order."""
-    states: list[tuple[int, Vcpu | None]] = []
+def _level_state(cpu: int, v: Vcpu, level: int, result: Result,
+                 read: Callable[[int, int], Any] | None = None) -> State | None:
+    """The registers of `level` that CPU `cpu` goes into the vmcore with, saying on the way
+    which level a vCPU in guest mode contributes. Level 1 is the guest the memslots
+    describe: a vCPU running a nested guest gives L1's state, as the nested VM exit will
+    load it (a core before note format 1.2 has only L2's: a warning), with RBP L1's frame
+    pointer found on its stack through `read` (N.l1_frame_pointer). The MSRs (for
+    KERNEL_GS_BASE) are the vCPU's current ones, L2's in guest mode, L1's otherwise."""
+    regs, sregs = N.state(v, level)
+    if level == 1 and N.guest_mode(v):
+        if regs is None or sregs is None:
+            regs, sregs = N.state(v, 2)
+            result.warnings.append(
+                f"vCPU {v.vcpu_id} (CPU {cpu}) was running a nested guest and this core "
+                f"(note format {v.version[0]}.{v.version[1]}) has no L1 state: its registers "
+                f"are the nested guest's (L2's), not the guest kernel's")
+        else:
+            result.notes.append(
+                f"vCPU {v.vcpu_id} (CPU {cpu}) was running a nested guest: using L1's state "
+                f"(registers, CR3) as the nested VM exit will load it; --level 2 writes the "
+                f"nested guest's vmcore")
+            fp = N.l1_frame_pointer(read, regs, sregs) if read else None
+            if fp is None:
+                result.warnings.append(
+                    f"vCPU {v.vcpu_id} (CPU {cpu}): L1's frame pointer was not found on its "
+                    f"stack at RSP {regs['rsp']:#x}: RBP is L2's, as the VM entry left it, "
+                    f"and a debugger may not unwind past L1's VM-entry function")
+            else:
+                result.notes.append(
+                    f"vCPU {v.vcpu_id} (CPU {cpu}): RBP {fp:#x}, L1's frame pointer (RSP + "
+                    f"{fp - regs['rsp']:#x} on its stack), for unwinders; the register held "
+                    f"L2's RBP {regs['rbp']:#x}, as the VM entry left it")
+                regs = dict(regs, rbp=fp)
+    if regs is None or sregs is None:
+        return None
+    msrs = v.records.get("msrs", []) if level == 2 or not N.guest_mode(v) else [
+        m for m in v.records.get("msrs", []) if m["index"] != S.MSR_KERNEL_GS_BASE]
+    return regs, sregs, msrs
+
+
+def _cpu_notes(cpus: list[tuple[int, Vcpu]], allow_partial: bool, result: Result,
+               level: int = 1, read: Callable[[int, int], Any] | None = None) -> bytes:
+    """All NT_PRSTATUS notes, then all QEMU notes, in CPU order, with the registers of
+    `level` (1: the guest the memslots describe, whose memory `read` reads; 2: its nested
+    guest)."""
+    states: list[tuple[int, State | None]] = []
     for cpu, v in cpus:
-        ok = v.info["status"] & S.KVM_CORE_VCPU_VALID and "regs" in v.records \
-            and "sregs" in v.records
+        state = _level_state(cpu, v, level, result, read) \
+            if v.info["status"] & S.KVM_CORE_VCPU_VALID else None
+        ok = state is not None
         if not ok:
             flags = [n for b, n in S.STATUS_NAMES.items() if v.info["status"] & b]
             err = S.ERROR_NAMES.get(v.info["error"], "")
@@ -437,9 +487,19 @@ def _cpu_notes(cpus: list[tuple[int, Vcpu]], allow_partial: bool, result: Result
                 raise KvmnoteError(f"{what}; --allow-partial writes zero registers for it")
             result.warnings.append(f"{what}: its registers are written as zeros")
             result.stateless.append(cpu)
-        states.append((cpu, v if ok else None))
+        states.append((cpu, state))
     return (b"".join(_note(b"CORE", S.NT_PRSTATUS, prstatus_desc(c, v)) for c, v in states)
             + b"".join(_note(S.QEMU_NOTE_NAME, 0, qemu_desc(v)) for _, v in states))
+
+
+def l1_cpu_notes(core: Core, vm: Vm, cpus: list[tuple[int, Vcpu]], allow_partial: bool,
+                 result: Result) -> bytes:
+    """_cpu_notes() of level 1, reading L1's stacks out of the VM's memory."""
+    reader = _Reader(core)
+    try:
+        return _cpu_notes(cpus, allow_partial, result, read=_l1_reader(core, vm, reader))
+    finally:
+        reader.close()
 
 
 def _open_output(path: str, core_path: str, force: bool) -> int:
@@ -466,18 +526,25 @@ def _open_output(path: str, core_path: str, force: bool) -> int:
 def write_vmcore(core_path: str, out_path: str, *, vm_index: int | None = None,
                  cpu_map: dict[int, int] | None = None, vmcoreinfo: bytes | None = None,
                  allow_partial: bool = False, force: bool = False,
-                 progress: Progress | None = None, name: str | None = None) -> Result:
+                 progress: Progress | None = None, name: str | None = None,
+                 level: int = 1) -> Result:
     """Convert VMM core `core_path` into guest vmcore `out_path`; see the module doc.
-    `name` names the core in messages instead of `core_path` (a copy of stdin)."""
+    `name` names the core in messages instead of `core_path` (a copy of stdin).
+    `level` 1: the guest the memslots describe (L1's state of vCPUs that were running a
+    nested guest); 2: the nested guest of the vCPUs in guest mode (see _write_l2)."""
     with open_core(core_path, name=name) as core:
         vm = select_vm(core, vm_index)
         slots = _ram_slots(core, vm)
         if not vm.vcpus:
             raise KvmnoteError(f"{core.path}: VM {vm.vm_index} has no vCPU notes")
+        if level == 2:
+            return _write_l2(core, vm, out_path, core_path, cpu_map=cpu_map,
+                             vmcoreinfo=vmcoreinfo, allow_partial=allow_partial,
+                             force=force, progress=progress)
         cpus = assign_cpus(vm.vcpus, cpu_map)
         result = Result([(c, v.vcpu_id) for c, v in cpus], [(g, s) for g, s, _ in slots])
         result.warnings += core.warnings + _smm_warnings(cpus)
-        cpu_notes = _cpu_notes(cpus, allow_partial, result)
+        cpu_notes = l1_cpu_notes(core, vm, cpus, allow_partial, result)
         info_room = len(_note(S.VMCOREINFO_NOTE_NAME, 0,
                               vmcoreinfo if vmcoreinfo is not None else bytes(VMCOREINFO_MAX)))
         phoff = S.size(S.Elf64_Ehdr)
@@ -512,6 +579,192 @@ def write_vmcore(core_path: str, out_path: str, *, vm_index: int | None = None,
             os.close(fd)
             if not done:
                 os.unlink(out_path)
+    return result
+
+
+def l2_paging(core: Core, vcpus: list[Vcpu]) -> tuple[str, int, int]:
+    """(kind "ept"|"npt", root, levels) of the table through which L1 maps the nested
+    guest that `vcpus` (all in guest mode) run; KvmnoteError when there is none to use."""
+    seen: dict[tuple[str, int, int], list[int]] = {}
+    for v in vcpus:
+        p = N.paging(v.records["nested"]) if "nested" in v.records else None
+        if p is None:
+            raise KvmnoteError(f"{core.path}: vCPU {v.vcpu_id} is in guest mode but the core "
+                               f"has no vmcs12 / vmcb12 for it (note format "
+                               f"{v.version[0]}.{v.version[1]}; the nested state record "
+                               f"came in 1.2): cannot translate the nested guest's memory")
+        if not p["enabled"]:
+            what = "EPT off in vmcs12" if p["type"] == "ept" else "nested paging off in vmcb12"
+            raise KvmnoteError(f"{core.path}: vCPU {v.vcpu_id}: L1 runs its nested guest with "
+                               f"shadow paging ({what}): no table maps the nested guest's "
+                               f"physical memory; --level 2 needs EPT / NPT")
+        if p["levels"] not in (4, 5):
+            raise KvmnoteError(f"{core.path}: vCPU {v.vcpu_id}: L1 is not in 64-bit mode "
+                               f"(EFER.LMA clear in vmcb01), so its nested page table has "
+                               f"PAE or 32-bit format, which --level 2 does not walk"
+                               if p["type"] == "npt" else
+                               f"{core.path}: vCPU {v.vcpu_id}: EPTP {p['root']:#x} asks for "
+                               f"a {p['levels']}-level EPT walk; only 4 and 5 exist")
+        seen.setdefault((p["type"], p["root"] & N.ADDR_MASK, p["levels"]), []).append(v.vcpu_id)
+    if len(seen) > 1:
+        name = "EPTP" if next(iter(seen))[0] == "ept" else "nCR3"
+        raise KvmnoteError(f"{core.path}: the vCPUs in guest mode disagree about the {name} ("
+                           + "; ".join(f"{root:#x}: vCPU {', '.join(map(str, ids))}"
+                                       for (_, root, _), ids in seen.items())
+                           + "): they run different nested guests; --level 2 needs one")
+    return next(iter(seen))
+
+
+def _l1_reader(core: Core, vm: Vm, reader: _Reader) -> Callable[[int, int], Any]:
+    """read(L1 GPA, n <= CHUNK): n bytes of the VM's guest-physical memory, valid until
+    the next call (`reader`'s buffer), or None where the core does not hold them all
+    (outside the memslots, not dumped, cut off)."""
+    slots = _ram_slots(core, vm)
+    starts = [g for g, _, _ in slots]
+
+    def read(gpa: int, n: int) -> bytes | bytearray | None:
+        i = bisect.bisect_right(starts, gpa) - 1
+        if i < 0 or gpa + n > slots[i][0] + slots[i][1]:
+            return None
+        pieces = list(core.pieces(slots[i][2] + gpa - slots[i][0], n))
+        if any(foff is None for _, _, foff, _ in pieces):
+            return None
+        if len(pieces) == 1:
+            data = reader.read(pieces[0][0], pieces[0][2], n)
+            return data if len(data) == n else None
+        out = b"".join(bytes(reader.read(ua, foff, k)) for ua, k, foff, _ in pieces)
+        return out if len(out) == n else None
+    return read
+
+
+def _write_l2(core: Core, vm: Vm, out_path: str, core_path: str, *,
+              cpu_map: dict[int, int] | None, vmcoreinfo: bytes | None,
+              allow_partial: bool, force: bool, progress: Progress | None) -> Result:
+    """The nested guest's vmcore: its guest-physical memory as L1's EPT / nested page
+    table (read out of L1's memory, the memslots) maps it, one PT_LOAD per run of
+    contiguous L2 addresses, and the registers of the vCPUs in guest mode. Two walks of
+    the table: one to lay out the file, one to copy; memory use is the run list."""
+    guests = [v for v in vm.vcpus if N.guest_mode(v)]
+    if not guests:
+        raise KvmnoteError(f"{core.path}: no vCPU was running a nested guest (none in guest "
+                           f"mode): there is no level-2 state; --level 1 is the guest's")
+    kind, root, levels = l2_paging(core, guests)
+    reader = _Reader(core)
+    try:
+        return _write_l2_with(core, vm, guests, (kind, root, levels), out_path, core_path,
+                              _l1_reader(core, vm, reader), cpu_map=cpu_map,
+                              vmcoreinfo=vmcoreinfo, allow_partial=allow_partial,
+                              force=force, progress=progress)
+    finally:
+        reader.close()
+
+
+def _write_l2_with(core: Core, vm: Vm, guests: list[Vcpu], paging: tuple[str, int, int],
+                   out_path: str, core_path: str, read: Callable[[int, int], Any], *,
+                   cpu_map: dict[int, int] | None, vmcoreinfo: bytes | None,
+                   allow_partial: bool, force: bool, progress: Progress | None) -> Result:
+    """_write_l2 once the table is known, reading L1's memory with `read`."""
+    kind, root, levels = paging
+    missing_tables: set[int] = set()
+
+    def table(gpa: int) -> bytes | None:
+        page = read(gpa, PAGE)
+        if page is None:
+            missing_tables.add(gpa)
+            return None
+        return bytes(page)     # kept while the walk reads the tables below it
+
+    segs: list[list[int]] = []                      # [L2 start, size]
+    for l2, _, n in N.walk(table, kind, root, levels):
+        if segs and segs[-1][0] + segs[-1][1] == l2:
+            segs[-1][1] += n
+        else:
+            segs.append([l2, n])
+    if not segs:
+        raise KvmnoteError(f"{core.path}: L1's {kind.upper()} table at {root:#x} maps no "
+                           f"memory of the nested guest"
+                           + (" (its root is not in the core)" if missing_tables else ""))
+    cpus = assign_cpus(guests, cpu_map)
+    slots = [(g, n, 0) for g, n in segs]
+    result = Result([(c, v.vcpu_id) for c, v in cpus], [(g, n) for g, n in segs])
+    result.warnings += core.warnings + _smm_warnings(cpus)
+    if missing_tables:
+        result.warnings.append(f"{len(missing_tables)} page(s) of L1's {kind.upper()} table "
+                               f"are not in the core (first at L1 guest-physical "
+                               f"{min(missing_tables):#x}): the nested guest's memory they "
+                               f"map is left out of the vmcore")
+    left = sorted(v.vcpu_id for v in vm.vcpus if not N.guest_mode(v))
+    if left:
+        result.notes.append(f"vCPU {', '.join(map(str, left))} not in guest mode (running "
+                            f"L1, not the nested guest): left out of the level-2 vmcore")
+    result.notes.append(f"nested guest's memory: {sum(n for _, n in segs)} bytes in "
+                        f"{len(segs)} ranges, mapped by L1's {kind.upper()} table at "
+                        f"{root:#x} ({levels}-level)")
+    cpu_notes = _cpu_notes(cpus, allow_partial, result, level=2)
+    info_room = len(_note(S.VMCOREINFO_NOTE_NAME, 0,
+                          vmcoreinfo if vmcoreinfo is not None else bytes(VMCOREINFO_MAX)))
+    notes_off = S.size(S.Elf64_Ehdr) + S.size(S.Elf64_Phdr) * (1 + len(slots))
+    off = S.align(notes_off + len(cpu_notes) + info_room, PAGE)
+    offsets = []
+    for _, n in segs:
+        offsets.append(off)
+        off += n
+    seg_starts = [g for g, _ in segs]
+    fd = _open_output(out_path, core_path, force)
+    done = False
+    try:
+        os.ftruncate(fd, off)
+        out = _Writer(fd)
+        scan = VmcoreinfoScanner() if vmcoreinfo is None else None
+        total, copied = sum(n for _, n in segs), 0
+
+        def lack(l2: int, l1: int, n: int) -> None:
+            last = result.missing[-1] if result.missing else None
+            if last and last.gpa + last.size == l2:
+                last.size += n
+            else:
+                result.missing.append(Missing(l2, n, f"its L1 guest-physical memory (from "
+                                                     f"{l1:#x}) is not in the core"))
+
+        for l2, l1, n in N.walk(table, kind, root, levels):
+            i = bisect.bisect_right(seg_starts, l2) - 1
+            base = offsets[i] + l2 - seg_starts[i]
+            for pos in range(0, n, CHUNK):
+                step = min(CHUNK, n - pos)
+                data = read(l1 + pos, step)
+                pieces = [(pos, data)] if data is not None else [   # page by page
+                    (p, None if page is None else bytes(page))
+                    for p in range(pos, pos + step, PAGE)
+                    for page in (read(l1 + p, min(PAGE, pos + step - p)),)]
+                for p, piece in pieces:
+                    if piece is None:
+                        lack(l2 + p, l1 + p, min(PAGE, pos + step - p))
+                        continue
+                    out.write(base + p, piece)
+                    if scan:
+                        scan.feed(l2 + p, piece)
+                if progress:
+                    progress(copied + pos + step, total)
+            copied += n
+        if vmcoreinfo is not None:
+            result.vmcoreinfo = "given"
+        elif scan and scan.found:
+            vmcoreinfo = scan.found[1]
+            result.vmcoreinfo = f"guest RAM at {scan.found[0]:#x}"
+        else:
+            result.warnings.append("no VMCOREINFO note found in the nested guest's memory "
+                                   "(drgn needs one: give it with --vmcoreinfo FILE)")
+        notes = cpu_notes
+        if vmcoreinfo is not None:
+            notes += _note(S.VMCOREINFO_NOTE_NAME, 0, clean_vmcoreinfo(vmcoreinfo))
+        os.pwrite(fd, _headers(slots, offsets, notes_off, len(notes)) + notes, 0)
+        done = True
+    except OSError as e:
+        raise KvmnoteError(f"{out_path}: cannot write: {e.strerror}") from None
+    finally:
+        os.close(fd)
+        if not done:
+            os.unlink(out_path)
     return result
 
 

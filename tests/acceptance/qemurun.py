@@ -7,6 +7,7 @@ wrote. e2e-recipe.md, "A real QEMU inside the emulated machine".
 
 import os
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -151,6 +152,43 @@ def run(work: Path, host_kernel: Path, guest_kernel: Path, timeout: float = 900,
                            + _logs_tail(out))
     disk.unlink()
     return {"out": out, "console": console, "initramfs_s": t_rd, "l1_run_s": t_run}
+
+
+# drgn's per-CPU current task and its stack trace, given the guest vmlinux.
+DRGN_SCRIPT = r"""
+import sys
+import drgn
+from drgn.helpers.linux.sched import cpu_curr
+from drgn.helpers.linux.cpumask import for_each_online_cpu
+prog = drgn.Program()
+prog.set_core_dump(sys.argv[1])
+prog.load_debug_info([sys.argv[2]], default=False)
+for cpu in for_each_online_cpu(prog):
+    task = cpu_curr(prog, cpu)
+    print(f"CPU {cpu} comm={task.comm.string_().decode()} pid={task.pid.value_()}")
+    for frame in prog.stack_trace(task):
+        print(f"  {frame.name or hex(frame.pc)}")
+"""
+
+
+def drgn_traces(vmcore: Path, vmlinux: Path) -> str:
+    """drgn's per-CPU current task and stack trace of a vmcore."""
+    p = subprocess.run([sys.executable, "-c", DRGN_SCRIPT, str(vmcore), str(vmlinux)],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    return p.stdout
+
+
+def per_cpu(text: str) -> dict[str, list[str]]:
+    """drgn_traces output as {"CPU n comm=...": [frames]}."""
+    out: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        if line.startswith("CPU "):
+            key = line
+            out[key] = []
+        else:
+            out[key].append(line.strip())
+    return out
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from elftools.elf.elffile import ELFFile
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import qemurun  # noqa: E402
+from qemurun import drgn_traces, per_cpu  # noqa: E402
 from testlib import need  # noqa: E402
 
 pytestmark = pytest.mark.acceptance
@@ -147,42 +148,6 @@ def test_guest_ram_identical(run: dict) -> None:
                 compared += n
                 pos, left = pos + n, left - n
     assert compared >= (qemurun.GUEST_MIB - 1) << 20
-
-
-DRGN_SCRIPT = r"""
-import sys
-import drgn
-from drgn.helpers.linux.sched import cpu_curr
-from drgn.helpers.linux.cpumask import for_each_online_cpu
-prog = drgn.Program()
-prog.set_core_dump(sys.argv[1])
-prog.load_debug_info([sys.argv[2]], default=False)
-for cpu in for_each_online_cpu(prog):
-    task = cpu_curr(prog, cpu)
-    print(f"CPU {cpu} comm={task.comm.string_().decode()} pid={task.pid.value_()}")
-    for frame in prog.stack_trace(task):
-        print(f"  {frame.name or hex(frame.pc)}")
-"""
-
-
-def drgn_traces(vmcore: Path, vmlinux: Path) -> str:
-    """drgn's per-CPU current task and stack trace of a vmcore."""
-    p = subprocess.run([sys.executable, "-c", DRGN_SCRIPT, str(vmcore), str(vmlinux)],
-                       capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr
-    return p.stdout
-
-
-def per_cpu(text: str) -> dict[str, list[str]]:
-    """drgn_traces output as {"CPU n comm=...": [frames]}."""
-    out: dict[str, list[str]] = {}
-    for line in text.splitlines():
-        if line.startswith("CPU "):
-            key = line
-            out[key] = []
-        else:
-            out[key].append(line.strip())
-    return out
 
 
 def test_drgn_traces_equal_qemu(run: dict) -> None:

@@ -116,11 +116,88 @@ def vcpu_records(v: dict[str, Any]) -> list[tuple[int, bytes]]:
         recs.append((S.KVM_CORE_REC_MSRS, S.kvm_msrs.build({
             "nmsrs": len(v["msrs"]), "pad": 0,
             "entries": [{"index": i, "reserved": 0, "data": d} for i, d in v["msrs"]]})))
+    for rtype in (S.KVM_CORE_REC_L1_REGS, S.KVM_CORE_REC_L1_SREGS2):
+        name = S.RECORDS[rtype][0]
+        if name in v:
+            recs.append(record(rtype, v[name]))
+    if "nested" in v:
+        recs.append((S.KVM_CORE_REC_NESTED, v["nested"]))
     if "vmx_exit" in v:
         recs.append(record(S.KVM_CORE_REC_VMX_EXIT, v["vmx_exit"]))
     if "svm_exit" in v:
         recs.append(record(S.KVM_CORE_REC_SVM_EXIT, v["svm_exit"]))
     return recs
+
+
+def view_page(con: Any, values: dict[str, Any], size: int = PAGE) -> bytes:
+    """A `size`-byte page, zero but for the `values` of an offset view (S.vmcs12,
+    S.vmcb_control, S.vmcb_save)."""
+    import io
+    buf = io.BytesIO(bytes(size))
+    con.build_stream(merge(S.plain(con.parse(bytes(size))), values), buf)
+    return buf.getvalue()[:size]
+
+
+def nested_state(fmt: int, flags: int, hdr: dict[str, Any], data: bytes = b"") -> bytes:
+    """A NESTED record's payload: struct kvm_nested_state, header.size bytes."""
+    vendor = S.kvm_vmx_nested_state_hdr if fmt == S.KVM_STATE_NESTED_FORMAT_VMX \
+        else S.kvm_svm_nested_state_hdr
+    raw = vendor.build(merge(S.zeroed(vendor), hdr)).ljust(120, b"\0")
+    size = S.size(S.kvm_nested_state) + len(data)
+    return S.kvm_nested_state.build({"flags": flags, "format": fmt, "size": size,
+                                     "hdr": raw}) + data
+
+
+def nested_vcpu(vcpu_id: int, vendor: int, *, guest_mode: bool = True,
+                run_pending: bool = False, paging_root: int | None = 0x7000,
+                **kw: Any) -> dict[str, Any]:
+    """sample_vcpu() of a vCPU whose guest runs a nested guest: in guest mode, REGS /
+    SREGS2 are L2's (RIP 0x2000 + vcpu_id, CR3 0x3000) and L1_REGS / L1_SREGS2 L1's
+    (RIP 0xffffffff81e00000 + vcpu_id, RSP 0xffffc90000008000, CR3 0x5000000); NESTED
+    holds vmcs12 (VMX: exit reason 48, EPT on with EPTP `paging_root` | 4-level WB) or
+    vmcb12 (SVM: exit code 0x400 NPF, NP on with nCR3 `paging_root`). `paging_root` None:
+    L1 uses shadow paging (EPT / NP off)."""
+    v = sample_vcpu(vcpu_id, vendor, **kw)
+    k = vcpu_id
+    l1_regs = dict(v["regs"], rip=0xFFFFFFFF81E00000 + k, rsp=0xFFFFC90000008000 + 0x100 * k,
+                   rflags=0x2, rax=0xA1A1 + k)
+    l1_sregs = dict(v["sregs"], cr3=0x5000000, cr4=0x3506F0, flags=0,
+                               pdptrs=[0, 0, 0, 0])
+    flags = (S.KVM_STATE_NESTED_GUEST_MODE if guest_mode else 0) | \
+        (S.KVM_STATE_NESTED_RUN_PENDING if run_pending else 0)
+    if vendor == S.KVM_CORE_VENDOR_SVM:
+        flags |= S.KVM_STATE_NESTED_GIF_SET
+        data = b""
+        if guest_mode:
+            ctl = {"exit_code": 0x400, "exit_info_1": 0x6, "exit_info_2": 0x1234000,
+                   "nested_ctl": 0 if paging_root is None else S.SVM_NESTED_CTL_NP_ENABLE,
+                   "nested_cr3": paging_root or 0, "asid": 1}
+            save = {"cr3": l1_sregs["cr3"], "cr4": l1_sregs["cr4"], "efer": l1_sregs["efer"],
+                    "rip": l1_regs["rip"],
+                    "rsp": l1_regs["rsp"], "rax": l1_regs["rax"], "rflags": 0x2}
+            data = bytes(a | b for a, b in zip(view_page(S.vmcb_control, ctl),
+                                               view_page(S.vmcb_save, save)))
+        v["nested"] = nested_state(S.KVM_STATE_NESTED_FORMAT_SVM, flags,
+                                   {"vmcb_pa": 0x6000}, data)
+    else:
+        ept = paging_root is not None
+        vmcs = {"revision_id": 0x11E57ED0, "launch_state": 1,
+                "ept_pointer": (paging_root or 0) | 3 << 3 | 6,
+                "cpu_based_vm_exec_control": S.CPU_BASED_ACTIVATE_SECONDARY_CONTROLS,
+                "secondary_vm_exec_control": S.SECONDARY_EXEC_ENABLE_EPT if ept else 0,
+                "vm_exit_reason": 48, "exit_qualification": 0x181,
+                "guest_physical_address": 0x1234000, "host_rip": l1_regs["rip"],
+                "host_rsp": l1_regs["rsp"], "host_cr3": l1_sregs["cr3"],
+                "guest_rip": 0x2000 + k, "guest_cr3": 0x3000, "vmcs_link_pointer": 2**64 - 1}
+        v["nested"] = nested_state(S.KVM_STATE_NESTED_FORMAT_VMX, flags,
+                                   {"vmxon_pa": 0x4000, "vmcs12_pa": 0x6000},
+                                   view_page(S.vmcs12, vmcs))
+    if guest_mode:
+        v["vcpu"]["status"] |= S.KVM_CORE_VCPU_GUEST_MODE
+        v["regs"] = dict(v["regs"], rip=0x2000 + k, rsp=0x2F00 + k, rflags=0x202)
+        v["sregs"] = dict(v["sregs"], cr3=0x3000)
+        v["l1_regs"], v["l1_sregs"] = l1_regs, l1_sregs
+    return v
 
 
 def memslot(slot: int, gpa: int, size: int, uaddr: int, as_id: int = 0,

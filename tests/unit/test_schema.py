@@ -38,7 +38,7 @@ def test_desc_framing() -> None:
     desc = S.build_desc([(S.KVM_CORE_REC_MP_STATE, b"\3\0\0\0"), (99, b"x")])
     assert len(desc) == 16 + (8 + 8) + (8 + 8)
     hdr = S.parse(S.kvm_core_header, desc)
-    assert (hdr["major"], hdr["minor"], hdr["size"], hdr["nr_records"]) == (1, 1, 48, 2)
+    assert (hdr["major"], hdr["minor"], hdr["size"], hdr["nr_records"]) == (1, 2, 48, 2)
     assert desc[16:24] == (6).to_bytes(4, "little") + (4).to_bytes(4, "little")
     assert desc[28:32] == bytes(4)  # padding to 8
 
@@ -48,3 +48,26 @@ def test_build_note_padding() -> None:
     assert note[:12] == (4).to_bytes(4, "little") + (5).to_bytes(4, "little") + \
         (2).to_bytes(4, "little")
     assert note[12:16] == b"KVM\0" and note[16:21] == b"abcde" and len(note) == 24
+
+
+def test_nested_layouts() -> None:
+    """struct kvm_nested_state (linux/kvm.h) and the vmcs12 / VMCB control-area offsets
+    (arch/x86/kvm/vmx/vmcs12.h CHECK_OFFSET, arch/x86/include/asm/svm.h)."""
+    lay = S.layout()
+    assert lay["kvm_nested_state"]["size"] == 128
+    assert lay["kvm_vmx_nested_state_hdr"]["size"] == 32
+    assert lay["kvm_vmx_nested_state_hdr"]["fields"]["preemption_timer_deadline"] == 24
+    assert lay["kvm_svm_nested_state_hdr"]["size"] == 8
+    page = bytearray(4096)
+    for off, width, value in ((120, 8, 0x1111), (432, 8, 0x2222), (672, 8, 0x3333),
+                              (804, 4, 0x44), (812, 4, 0x55), (748, 4, 0x66)):
+        page[off:off + width] = value.to_bytes(width, "little")
+    v = S.vmcs12.parse(bytes(page))
+    assert (v.ept_pointer, v.guest_cr3, v.host_rip, v.secondary_vm_exec_control,
+            v.vm_exit_reason, v.cpu_based_vm_exec_control) == (
+                0x1111, 0x2222, 0x3333, 0x44, 0x55, 0x66)
+    page = bytearray(4096)
+    for off, value in ((0x70, 0x400), (0x90, 1), (0xB0, 0x7000)):
+        page[off:off + 8] = value.to_bytes(8, "little")
+    c = S.vmcb_control.parse(bytes(page))
+    assert (c.exit_code, c.nested_ctl, c.nested_cr3) == (0x400, 1, 0x7000)

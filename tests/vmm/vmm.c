@@ -3,7 +3,7 @@
  * crashes so that the kernel writes a core file.
  *
  *   vmm --report FILE [--mode real|pm32|long] [--halt N] [--spin N] [--idle N]
- *       [--seq] [--crash abort|segv|external] [--dup] [--foreign] [--stuck]
+ *       [--seq] [--crash abort|segv|external|none] [--dup] [--foreign] [--stuck]
  *       [--nstuck N]
  *       [--rlimit-core BYTES] [--nonkvm] [--timeout SEC] [--close-vcpu-fd ID]
  *       [--pidns] [--coredump-filter HEX] [--irqchip] [--twovms] [--smm]
@@ -22,7 +22,10 @@
  * to /proc/self/coredump_filter first.  --irqchip: KVM_CREATE_IRQCHIP (LAPIC in
  * the kernel; then `hlt` does not exit to us, so only spinning and idle vCPUs).
  * --twovms: a second VM with the same vCPUs.  --crash external: another process
- * sends SIGSEGV while the vCPU threads are where they are.  --smm: SMRAM as a
+ * sends SIGSEGV while the vCPU threads are where they are.  --crash none: no
+ * crash; with the report written the VMM waits, its vCPUs where they are, until
+ * killed (it runs inside a guest whose own VMM is the one crashed: the nested
+ * acceptance test).  --smm: SMRAM as a
  * memslot of address space 1, and an SMI (KVM_SMI) for vCPU 0 of each VM before
  * it first runs, so it stops at the `hlt` of its SMM handler; when KVM cannot
  * (KVM_CAP_MULTI_ADDRESS_SPACE < 2 or no KVM_CAP_X86_SMM), the report says why
@@ -305,8 +308,10 @@ int main(int argc, char **argv)
 		else if (ARG("--nstuck")) stuck = num(o, val, 0, MAX_VCPUS, 10);
 		else if (ARG("--crash")) {
 			crash = val;
-			if (strcmp(val, "abort") && strcmp(val, "segv") && strcmp(val, "external")) {
-				fprintf(stderr, "vmm: --crash %s: want abort, segv or external\n", val);
+			if (strcmp(val, "abort") && strcmp(val, "segv") && strcmp(val, "external") &&
+			    strcmp(val, "none")) {
+				fprintf(stderr, "vmm: --crash %s: want abort, segv, external or none\n",
+					val);
 				return 2;
 			}
 		}
@@ -511,6 +516,9 @@ int main(int argc, char **argv)
 		for (;;)
 			pause();
 	}
+	if (!strcmp(crash, "none"))
+		for (;;)
+			pause();
 	if (crash_segv_idx >= 0) {
 		pthread_mutex_lock(&lock);
 		go_crash = 1;
