@@ -26,6 +26,11 @@ struct tracepoint__kvm__kvm_exit {
     unsigned int exit_reason; unsigned long guest_rip; u32 isa; u64 info1; u64 info2;
     u32 intr_info; u32 error_code; unsigned int vcpu_id;
 };
+struct tracepoint__kvm__kvm_nested_vmexit {     /* TRACE_EVENT_KVM_EXIT, as kvm_exit */
+    u64 __do_not_use__;
+    unsigned int exit_reason; unsigned long guest_rip; u32 isa; u64 info1; u64 info2;
+    u32 intr_info; u32 error_code; unsigned int vcpu_id;
+};
 struct tracepoint__kvm__kvm_coredump_vcpu {
     u64 __do_not_use__;
     unsigned int vcpu_id; u64 rip; u32 status; u32 error;
@@ -34,11 +39,11 @@ struct tracepoint__kvm__kvm_coredump_vcpu {
 failed = False
 for argv in ([], ["-p", "181", "-v", "2"], ["-t", "3"], ["-T", "3,4"]):
     text = kd.bpf_text(kd.parse_args(argv))
-    for tp in ("kvm_exit", "kvm_coredump_vcpu"):
+    for tp in ("kvm_exit", "kvm_nested_vmexit", "kvm_coredump_vcpu"):
         text = text.replace("TRACEPOINT_PROBE(kvm, %s)" % tp,
                             "int probe_%s(struct tracepoint__kvm__%s *args)" % (tp, tp))
     b = BPF(text=structs + text, cflags=["-Wno-ignored-attributes"])
-    for tp in ("kvm_exit", "kvm_coredump_vcpu"):
+    for tp in ("kvm_exit", "kvm_nested_vmexit", "kvm_coredump_vcpu"):
         try:
             fn = b.load_func("probe_" + tp, BPF.TRACEPOINT)
             print(argv, tp, "compiled and passed the verifier, fd", fn.fd)

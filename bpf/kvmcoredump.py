@@ -8,11 +8,12 @@
 # USAGE: kvmcoredump [-h] [-p PID [-v VCPU] | -t TID | -T 'TID1,TID2']
 #                    [--exit-on-dump] [-j FILE] [interval] [count]
 #
-# The record it writes (-j, schema kvmcoredump/2) is what `kvmnote verify CORE
+# The record it writes (-j, schema kvmcoredump/3) is what `kvmnote verify CORE
 # --trace FILE` holds against the notes of the core file: per vCPU thread, the
-# last kvm_exit as the tracepoint saw it. The hot path uses per-CPU maps only
-# (as bcc's kvmexit does); lost perf events and map-full drops are counted in
-# the record, and a record with either does not verify clean.
+# last kvm_exit as the tracepoint saw it, and whether it was a nested guest's
+# (L2's: kvm:kvm_nested_vmexit followed it). The kvm_exit hot path uses per-CPU
+# maps only (as bcc's kvmexit does); lost perf events and map-full drops are
+# counted in the record, and a record with either does not verify clean.
 #
 # Copyright the kvmnote developers. Same licence as the rest of kvmnote.
 
@@ -81,6 +82,15 @@ struct last_exit_t {
     u32 error_code;
 };
 
+// The last exit that KVM took while the vCPU ran a nested guest (L2):
+// kvm:kvm_nested_vmexit, which fires after kvm_exit for each such exit.
+struct l2_exit_t {
+    u64 ts;
+    u64 guest_rip;
+    u32 exit_reason;
+    u32 pad;
+};
+
 struct dump_t {
     u64 ts;
     u32 tgid;
@@ -96,6 +106,10 @@ BPF_F_TABLE("percpu_hash", struct vkey_t, struct last_exit_t, last_exit, MAX_VCP
             BPF_F_NO_PREALLOC);
 BPF_F_TABLE("percpu_hash", struct rkey_t, u64, exit_counts, MAX_REASONS,
             BPF_F_NO_PREALLOC);
+// Shared, not per-CPU: the vCPU thread may move to another CPU between kvm_exit
+// and kvm_nested_vmexit (KVM handles the exit with preemption enabled). Written
+// only on exits from L2, each key by its own vCPU thread.
+BPF_HASH(l2_exit, struct vkey_t, struct l2_exit_t, MAX_VCPUS);
 BPF_PERCPU_ARRAY(drops, u64, 1);
 BPF_HASH(tids, u32, u8, 1024);
 BPF_PERF_OUTPUT(dump_events);
@@ -144,6 +158,22 @@ TRACEPOINT_PROBE(kvm, kvm_exit)
     return 0;
 }
 
+TRACEPOINT_PROBE(kvm, kvm_nested_vmexit)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tgid = id >> 32, tid = (u32)id;
+
+    if (FILTER)
+        return 0;
+
+    struct vkey_t vkey = {.tgid = tgid, .tid = tid, .vcpu_id = args->vcpu_id};
+    struct l2_exit_t x = {.ts = bpf_ktime_get_ns(), .guest_rip = args->guest_rip,
+                          .exit_reason = args->exit_reason};
+    if (l2_exit.update(&vkey, &x))
+        count_drop();
+    return 0;
+}
+
 TRACEPOINT_PROBE(kvm, kvm_coredump_vcpu)
 {
     u64 id = bpf_get_current_pid_tgid();
@@ -179,7 +209,7 @@ def parse_args(argv=None):
                         help="exit once every VMM that dumped core has "
                              "finished writing it (is a zombie or gone)")
     parser.add_argument("-j", "--json", metavar="FILE",
-                        help="write the record, schema kvmcoredump/2, to FILE")
+                        help="write the record, schema kvmcoredump/3, to FILE")
     parser.add_argument("--max-vcpus", type=int, default=4096,
                         help="entries of the per-thread map (default 4096)")
     parser.add_argument("interval", nargs="?", type=positive,
@@ -236,13 +266,16 @@ def reason_name(isa, reason):
 
 
 def build_record(last_exits, counts, dumps, lost, drops, duration, stopped_by,
-                 comms=None):
-    """The kvmcoredump/2 record from the maps' contents, as plain values.
+                 comms=None, l2_exits=None):
+    """The kvmcoredump/3 record from the maps' contents, as plain values.
 
     last_exits: ((tgid, tid, vcpu_id), [per-CPU dict of struct last_exit_t]);
     counts: ((tgid, tid, vcpu_id, exit_reason), [per-CPU count]); dumps:
     {tgid: number of kvm_coredump_vcpu events}; lost: perf events lost;
-    drops: map updates that failed (map full), summed over CPUs.
+    drops: map updates that failed (map full), summed over CPUs; l2_exits:
+    {(tgid, tid, vcpu_id): dict of struct l2_exit_t}. A last exit is L2's
+    (guest_mode) if kvm_nested_vmexit reported that exit: at or after its
+    time, same guest RIP and reason.
     """
     procs = {}
 
@@ -257,12 +290,15 @@ def build_record(last_exits, counts, dumps, lost, drops, duration, stopped_by,
         if not e["ts"]:
             continue    # inserted, never filled: cannot happen, but never a fake exit
         isa = ISA.get(e["isa"], "unknown")
+        x = (l2_exits or {}).get((tgid, tid, vcpu_id))
+        l2 = bool(x and x["ts"] >= e["ts"] and x["guest_rip"] == e["guest_rip"]
+                  and x["exit_reason"] == e["exit_reason"])
         entry(tgid, tid, vcpu_id)["last_exit"] = {
             "isa": isa, "exit_reason": e["exit_reason"],
             "reason_name": reason_name(isa, e["exit_reason"]),
             "guest_rip": e["guest_rip"], "info1": e["info1"],
             "info2": e["info2"], "intr_info": e["intr_info"],
-            "error_code": e["error_code"], "ts": e["ts"]}
+            "error_code": e["error_code"], "guest_mode": l2, "ts": e["ts"]}
     for (tgid, tid, vcpu_id, reason), percpu in counts:
         v = entry(tgid, tid, vcpu_id)
         n = sum(percpu)
@@ -270,7 +306,7 @@ def build_record(last_exits, counts, dumps, lost, drops, duration, stopped_by,
         v["exit_counts"].append({"exit_reason": reason, "count": n})
     for tgid in dumps:
         procs.setdefault(tgid, {})
-    record = {"schema": "kvmcoredump/2", "duration": round(duration, 3),
+    record = {"schema": "kvmcoredump/3", "duration": round(duration, 3),
               "stopped_by": stopped_by, "lost_events": lost,
               "map_full_drops": drops, "processes": []}
     for tgid in sorted(procs):
@@ -305,7 +341,8 @@ def summary(record, previous=None):
             lines.append("  %-7d %-5d %-9d %-20s %-18s %s" % (
                 v["tid"], v["vcpu_id"],
                 v["exits"] - before.get((p["pid"], v["tid"], v["vcpu_id"]), 0),
-                "%s 0x%x %s" % (le["isa"], le["exit_reason"], le["reason_name"])
+                "%s 0x%x %s%s" % (le["isa"], le["exit_reason"], le["reason_name"],
+                                  " (L2)" if le["guest_mode"] else "")
                 if le else "-",
                 "0x%x" % le["guest_rip"] if le else "-",
                 " ".join("%s:%d" % (c["reason_name"], c["count"])
@@ -346,7 +383,10 @@ def read_maps(b):
     counts = [((k.tgid, k.tid, k.vcpu_id, k.exit_reason), [n for n in v])
               for k, v in b["exit_counts"].items()]
     drops = sum(sum(v) for _, v in b["drops"].items())
-    return last, counts, drops
+    l2 = {(k.tgid, k.tid, k.vcpu_id): {"ts": v.ts, "guest_rip": v.guest_rip,
+                                      "exit_reason": v.exit_reason}
+          for k, v in b["l2_exit"].items()}
+    return last, counts, drops, l2
 
 
 def main(argv=None):
@@ -386,12 +426,12 @@ def main(argv=None):
     sys.stdout.flush()
 
     def record(stopped_by):
-        last, counts, drops = read_maps(b)
+        last, counts, drops, l2 = read_maps(b)
         pids = {k[0] for k, _ in last} | set(dumps)
         for p in pids:
             comms[p] = comm_of(p) or comms.get(p)
         return build_record(last, counts, dumps, lost[0], drops,
-                            time.time() - start, stopped_by, comms)
+                            time.time() - start, stopped_by, comms, l2)
 
     start = time.time()
     next_out, outputs, prev = start + (args.interval or 0), 0, None

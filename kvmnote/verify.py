@@ -1,10 +1,11 @@
 """`kvmnote verify CORE --trace FILE`: hold a core's KVM notes against a kvmcoredump trace.
 
-The trace (schema kvmcoredump/2, written by bpf/kvmcoredump.py -j) is what the kernel's
-`kvm:kvm_exit` tracepoint showed while the VMM ran: per process, per (vCPU thread, vcpu_id),
-the number of exits and the last exit's reason, info1/info2, intr_info, error_code and guest
-RIP. That is evidence independent of the notes, which KVM writes from the VMCS/VMCB and its
-register cache at dump time. The rules (bpf/README.md lists them with their tests):
+The trace (schema kvmcoredump/3, written by bpf/kvmcoredump.py -j; /2 is read too) is what
+the kernel's `kvm:kvm_exit` tracepoint showed while the VMM ran: per process, per (vCPU
+thread, vcpu_id), the number of exits and the last exit's reason, info1/info2, intr_info,
+error_code and guest RIP, and (/3) whether it was a nested guest's exit (`kvm:kvm_nested_vmexit`
+followed it). That is evidence independent of the notes, which KVM writes from the VMCS/VMCB
+and its register cache at dump time. The rules (bpf/README.md lists them with their tests):
 
   clean     the record lost no perf events and dropped no map update (a map was full);
   process   the core was written by the traced process; --pid names the traced process
@@ -22,6 +23,10 @@ register cache at dump time. The rules (bpf/README.md lists them with their test
             idt_vectoring_info, exit_intr_info, exit_intr_error_code if delivered);
   rip       the note's RIP is the exit's guest RIP, or past the exiting instruction when
             KVM or the completion of user space's I/O skipped it (RIP_AFTER_EXIT below);
+  level     (/3) a vCPU whose note says guest mode exited last from its nested guest (L2),
+            one without from L1; both the note's REGS and exit record are then the
+            level's. With nested_run_pending (the VM entry to L2 not done yet) the note has
+            no exit record: the last exit must be L1's, exit and RIP are not compared;
   no-state  a protected or unreadable vCPU has no state in its note: only `ran` applies.
 
 Anything missing from the trace is an error (exit 2), never a pass; every mismatch is
@@ -37,7 +42,8 @@ from . import schema as S
 from .core import Core, open_core
 from .errors import KvmnoteError
 
-SCHEMA = "kvmcoredump/2"
+SCHEMA = "kvmcoredump/3"
+SCHEMAS = ("kvmcoredump/2", SCHEMA)     # /2: no guest_mode, the level rule is not applied
 MAX_INSN_LEN = 15           # x86 architectural maximum
 INFO_VALID_ERR = 0x80000800  # valid (bit 31) + error code valid/delivered (bit 11), both ISAs
 
@@ -78,18 +84,18 @@ def _get(d: Any, key: str, where: str, kind: type | tuple[type, ...] = int) -> A
 
 
 def load_trace(path: str) -> dict[str, Any]:
-    """The kvmcoredump/2 record in `path`."""
+    """The kvmcoredump/2 or /3 record in `path`."""
     try:
         with open(path) as f:
             trace = json.load(f)
     except (OSError, ValueError) as e:
         raise KvmnoteError(f"{path}: {e}") from None
-    if not isinstance(trace, dict) or trace.get("schema") != SCHEMA:
+    if not isinstance(trace, dict) or trace.get("schema") not in SCHEMAS:
         raise KvmnoteError(f"{path}: not a {SCHEMA} record (bpf/kvmcoredump.py -j)")
     return trace
 
 
-def _traced(proc: dict[str, Any], where: str) -> list[Traced]:
+def _traced(proc: dict[str, Any], where: str, l2_traced: bool) -> list[Traced]:
     out = []
     for i, e in enumerate(_get(proc, "vcpus", where, list)):
         w = f"{where}: vcpus[{i}]"
@@ -101,6 +107,8 @@ def _traced(proc: dict[str, Any], where: str) -> list[Traced]:
             _get(t.last_exit, "isa", f"{w}: last_exit", str)
             for k in LAST_EXIT_KEYS:
                 _get(t.last_exit, k, f"{w}: last_exit")
+            if l2_traced:
+                _get(t.last_exit, "guest_mode", f"{w}: last_exit", bool)
         out.append(t)
     return out
 
@@ -167,7 +175,7 @@ def compare(core: Core, trace: dict[str, Any], pid: int | None = None,
         return lines, bad
     i, proc = procs[want]
     w = f"{where}: processes[{i}]"
-    traced = _traced(proc, w)
+    traced = _traced(proc, w, trace["schema"] != "kvmcoredump/2")
     if core.vcpus and not _get(proc, "dumped", w, bool):
         bad.append(f"dumped: the trace did not see pid {want} dump core; it may have ended "
                    f"before the vCPUs' last exits")
@@ -223,6 +231,19 @@ def _check_exit(v: Any, le: dict[str, Any], name: str, bad: list[str]) -> str:
     if le["isa"] != isa:
         bad.append(f"exit: {name}: the note is {isa}, the traced exit {le['isa']}")
         return ""
+    in_l2 = bool(v.info["status"] & S.KVM_CORE_VCPU_GUEST_MODE)
+    traced_l2 = le.get("guest_mode")          # None: a /2 trace, which does not say
+    level = "" if traced_l2 is None else f" from L{2 if traced_l2 else 1}"
+    nested = v.records.get("nested")
+    if nested and nested["flags"] & S.KVM_STATE_NESTED_RUN_PENDING:
+        if traced_l2:
+            bad.append(f"level: {name}: nested_run_pending (L2 not entered since L1's VM "
+                       f"entry), but the last kvm_exit was L2's")
+        return f"last exit {isa} 0x{le['exit_reason']:x}{level} at 0x{le['guest_rip']:x}; " \
+               f"nested_run_pending: no exit record, exit and RIP not compared"
+    if traced_l2 is not None and traced_l2 != in_l2:
+        bad.append(f"level: {name}: the note says {'guest mode (L2)' if in_l2 else 'L1'}, "
+                   f"the last kvm_exit was L{2 if traced_l2 else 1}'s")
     rec = v.records.get(f"{isa}_exit")
     regs = v.records.get("regs")
     if rec is None or regs is None:
@@ -236,8 +257,8 @@ def _check_exit(v: Any, le: dict[str, Any], name: str, bad: list[str]) -> str:
     if regs["rip"] not in allowed:
         bad.append(f"rip: {name}: note 0x{regs['rip']:x}, last kvm_exit at "
                    f"0x{le['guest_rip']:x} (reason 0x{le['exit_reason']:x}); allowed: {rule}")
-    return f"last exit {isa} 0x{le['exit_reason']:x} at 0x{le['guest_rip']:x}, " \
-           f"note RIP 0x{regs['rip']:x}"
+    return f"last exit {isa} 0x{le['exit_reason']:x}{level if in_l2 or traced_l2 else ''} " \
+           f"at 0x{le['guest_rip']:x}, note RIP 0x{regs['rip']:x}"
 
 
 def _run(args: argparse.Namespace) -> int:

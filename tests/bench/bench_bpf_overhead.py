@@ -136,7 +136,7 @@ for i in range(windows):
     if b is not None:
         b.detach_tracepoint(TP)
 print("%.6f end" % time.monotonic(), flush=True)
-last, counts, drops = kd.read_maps(tool)
+last, counts, drops, _ = kd.read_maps(tool)
 print("maps: exits %d drops %d" % (sum(sum(v) for _, v in counts), drops), flush=True)
 """
 

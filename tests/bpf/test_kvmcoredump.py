@@ -9,6 +9,12 @@ v2); an untraced "noise" VMM crashes too. The record, both cores and the VMMs' s
 reports come back on a raw virtio disk (tar). On the host the record is held against the
 VMM's report and tests/harness/expected.py, then `kvmnote verify` against the cores.
 
+Then nested guests (series v3): an unfiltered tracer watches the series' KVM selftest
+(kpatch 0014) crash in its cases nested_l2 (the vCPU in L2: its last exit an L2 port
+I/O that L1 does not intercept) and nested_l1 (in L1 between two nested entries); the
+record must say which level each last exit came from (kvm:kvm_nested_vmexit), and
+`kvmnote verify` must accept both cores and reject the record with the level flipped.
+
     python -m pytest tests/bpf -s      # -s shows the timings and the tracer's output
     python -m pytest tests/bpf -s -k vmx      # Bochs only
 """
@@ -26,7 +32,7 @@ from pathlib import Path
 import pytest
 
 from harness import REPO, expected as E
-from harness.kernel import kernel
+from harness.kernel import kernel, selftest
 from harness.kvmnote_read import notes
 from harness.machines import bochs_available, qemu_available, run_disk_root
 from harness.rootfs import debian_rootfs
@@ -65,6 +71,26 @@ wait $vmm
 echo "vmm exit $? $(up)"
 wait $tracer
 echo "tracer exit $? $(up)"
+
+# Nested guests: the series' KVM selftest under a tracer of all processes. (It keeps
+# its core with rename(): into a directory on its own file system, then moved.)
+python3 /mnt/in/kvmcoredump.py -j /mnt/out/nested-trace.json \
+    > /mnt/out/nested-tracer.out 2> /mnt/out/nested-tracer.err &
+tracer=$!
+while ! grep -q '^Tracing' /mnt/out/nested-tracer.out; do
+    kill -0 $tracer 2>/dev/null || break
+    sleep 0.2
+done
+echo "nested tracer ready $(up)"
+for c in nested_l2 nested_l1; do
+    mkdir -p /tmp/keep/$c
+    /mnt/in/coredump_test $c /tmp/keep/$c > /mnt/out/$c.out 2>&1
+    echo "$c exit $? $(up)"
+    mv /tmp/keep/$c/core /mnt/out/$c.core
+done
+kill -TERM $tracer
+wait $tracer
+echo "nested tracer exit $? $(up)"
 ls -l /mnt/out
 """
 
@@ -104,8 +130,9 @@ def run(request, tmp_path_factory):
     vmm = timed("vmm build", build_vmm, times)
 
     d = tmp_path_factory.mktemp(f"bpf-{backend}")
+    test = timed("selftest build", selftest, times)
     tar_disk(d / "in.tar", {"kvmcoredump.py": REPO / "bpf" / "kvmcoredump.py", "vmm": vmm,
-                            "run.sh": RUN_SH.encode()})
+                            "coredump_test": test, "run.sh": RUN_SH.encode()})
     blank_disk(d / "out.img", 256 << 20)
     rc, timed_out = timed(f"{backend} run", lambda: run_disk_root(
         backend, d, kern, ROOT_CMDLINE, timeout, memory=1024,
@@ -121,8 +148,10 @@ def run(request, tmp_path_factory):
         times["in guest: bcc startup"] = round(float(up["tracer ready"]) -
                                                float(up["tracer start"]), 1)
     print(f"\nbpf e2e ({backend}) in {d}: " + ", ".join(f"{k} {v}s" for k, v in times.items()))
-    for name in ("run.log", "tracer.out", "tracer.err"):
-        print(f"--- {name}\n" + (out / name).read_text(errors="replace"))
+    for name in ("run.log", "tracer.out", "tracer.err", "nested-tracer.out",
+                 "nested-tracer.err", "nested_l2.out", "nested_l1.out"):
+        if (out / name).exists():
+            print(f"--- {name}\n" + (out / name).read_text(errors="replace"))
     assert (out / "trace.json").exists(), (out / "tracer.err").read_text()
     vmm = json.loads((out / "vmm.json").read_text())
     noise = json.loads((out / "noise.json").read_text())
@@ -157,7 +186,7 @@ def entries(proc, vcpu_id, tid=None):
 
 def test_record_is_clean_and_filtered(run):
     t = run["trace"]
-    assert t["schema"] == "kvmcoredump/2"
+    assert t["schema"] == "kvmcoredump/3"
     assert t["lost_events"] == 0 and t["map_full_drops"] == 0, t
     assert [p["pid"] for p in t["processes"]] == [run["vmm"]["pid"]]
     assert run["noise"]["pid"] != run["vmm"]["pid"]
@@ -265,3 +294,51 @@ def test_verify_errors_on_a_missing_key(run, tmp_path):
     p = verify(run["core"], path)
     assert p.returncode == 2, p.stdout
     assert "MISMATCH" not in p.stdout and "Traceback" not in p.stdout, p.stdout
+
+
+# --- nested guests: the selftest's cores against the unfiltered tracer ----------------
+
+def nested_run(run, case):
+    """(the case's core, its process's record entry): the selftest passed, its core is
+    back and the tracer saw that process dump it."""
+    out = run["out"]
+    text = (out / f"{case}.out").read_text(errors="replace")
+    assert re.search(rf"^ok \d+ {case}$", text, re.M), text
+    core = out / f"{case}.core"
+    assert core.exists(), (out / "run.log").read_text()
+    trace = json.loads((out / "nested-trace.json").read_text())
+    assert trace["lost_events"] == 0 and trace["map_full_drops"] == 0, trace
+    pid = notes(core)["vms"][0]["pid"]
+    proc = traced_proc(trace, pid)
+    assert proc["dumped"], proc
+    return core, proc
+
+
+@pytest.mark.parametrize("case,l2", [("nested_l2", True), ("nested_l1", False)])
+def test_nested_last_exit_level(run, case, l2):
+    """The tracer's account of the level, held against the selftest (not the note): in
+    nested_l2 the vCPU's last exit is L2's port I/O (L2 at its out instruction), in
+    nested_l1 L1's."""
+    core, proc = nested_run(run, case)
+    (v,) = [e for e in proc["vcpus"] if e["exits"]]
+    assert v["last_exit"]["guest_mode"] is l2, v
+    (note,) = notes(core)["vcpus"]
+    assert ("guest_mode" in note["status"]) is l2, note["status"]
+    p = verify(core, run["out"] / "nested-trace.json")
+    assert p.returncode == 0 and "verify: OK" in p.stdout, p.stdout
+    assert (f"from L2 at 0x{v['last_exit']['guest_rip']:x}" in p.stdout) is l2, p.stdout
+
+
+@pytest.mark.parametrize("case", ["nested_l2", "nested_l1"])
+def test_nested_verify_rejects_the_other_level(run, case, tmp_path):
+    core, proc = nested_run(run, case)
+    trace = json.loads((run["out"] / "nested-trace.json").read_text())
+    for e in traced_proc(trace, proc["pid"])["vcpus"]:
+        if e["last_exit"]:
+            e["last_exit"]["guest_mode"] = not e["last_exit"]["guest_mode"]
+    path = tmp_path / "trace.json"
+    path.write_text(json.dumps(trace))
+    p = verify(core, path)
+    assert p.returncode == 1, p.stdout
+    bad = [line for line in p.stdout.splitlines() if line.startswith("MISMATCH")]
+    assert bad and all(line.startswith("MISMATCH level:") for line in bad), p.stdout

@@ -37,13 +37,15 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 def last_exit(isa: str, reason: int, rip: int, info1: int = 0, info2: int = 0,
-              intr_info: int = 0, error_code: int = 0) -> dict[str, Any]:
+              intr_info: int = 0, error_code: int = 0, guest_mode: bool = False
+              ) -> dict[str, Any]:
     return {"isa": isa, "exit_reason": reason, "guest_rip": rip, "info1": info1,
-            "info2": info2, "intr_info": intr_info, "error_code": error_code, "ts": 1}
+            "info2": info2, "intr_info": intr_info, "error_code": error_code,
+            "guest_mode": guest_mode, "ts": 1}
 
 
 def record(pid: int, vcpus: list[dict[str, Any]], dumped: bool = True) -> dict[str, Any]:
-    return {"schema": "kvmcoredump/2", "duration": 1.5, "stopped_by": "dump",
+    return {"schema": "kvmcoredump/3", "duration": 1.5, "stopped_by": "dump",
             "lost_events": 0, "map_full_drops": 0,
             "processes": [{"pid": pid, "comm": "vmm", "dumped": dumped, "vcpus": vcpus}]}
 
@@ -417,13 +419,14 @@ def _drop(trace: dict[str, Any], path: tuple[Any, ...]) -> dict[str, Any]:
     ("processes", 0, "vcpus", 0, "tid"), ("processes", 0, "vcpus", 0, "vcpu_id"),
     ("processes", 0, "vcpus", 0, "exits"), ("processes", 0, "vcpus", 0, "last_exit"),
     *[("processes", 0, "vcpus", 0, "last_exit", k) for k in
-      ("isa", "exit_reason", "guest_rip", "info1", "info2", "intr_info", "error_code")]])
+      ("isa", "exit_reason", "guest_rip", "info1", "info2", "intr_info", "error_code",
+       "guest_mode")]])
 def test_missing_key_is_an_error(capsys: pytest.CaptureFixture[str], tmp_path: Path,
                                  path: tuple[Any, ...]) -> None:
     core, trace = EXAMPLE["svm"]
     rc, out, err = verify(capsys, tmp_path, core, _drop(trace, path))
     assert rc == 2 and out == "" and err.startswith("kvmnote: ") and err.count("\n") == 1
-    want = "not a kvmcoredump/2 record" if path == ("schema",) else f"no '{path[-1]}'"
+    want = "not a kvmcoredump/3 record" if path == ("schema",) else f"no '{path[-1]}'"
     assert want in err, err
 
 
@@ -476,3 +479,81 @@ def test_real_trace_of_a_real_crash_verifies(capsys: pytest.CaptureFixture[str])
                 "never_ran": "never ran"}[v["kind"]] in line, line
     rc = main(["verify", str(TESTDATA / "svm-untraced.core.zst"), "--trace", trace])
     assert rc == 1 and "MISMATCH process: " in capsys.readouterr().out
+
+
+# --- rule "level": nested guests (kvmcoredump/3) -------------------------------------------
+
+def nested(vendor: int, run_pending: bool = False, guest_mode: bool = True) -> dict[str, Any]:
+    """vCPU 0 of a guest that runs a nested guest, on thread 5000. In guest mode its REGS
+    and exit record are L2's: halted at 0x2000 (HLT, skipped: RIP 0x2001), as KVM leaves
+    them after an L2 HLT that L1 does not intercept. With nested_run_pending KVM writes no
+    exit record (series v3): the VMCB/VMCS has not run L2 since L1's VM entry."""
+    v = cb.nested_vcpu(0, vendor, guest_mode=guest_mode, run_pending=run_pending, tid=5000)
+    v["regs"]["rip"] = 0x2001
+    if vendor == SVM:
+        v["svm_exit"] = HLT_SVM_EXIT
+    else:
+        v["vmx_exit"] = dict(v["vmx_exit"], exit_reason=VMX_HLT, exit_qualification=0,
+                             idt_vectoring_info=0, exit_intr_info=0, instruction_len=1)
+    if run_pending:
+        v.pop("svm_exit" if vendor == SVM else "vmx_exit")
+    return v
+
+
+def l2_trace(isa: str, guest_mode: bool, reason: int | None = None, rip: int = 0x2000,
+             schema: str = "kvmcoredump/3") -> dict[str, Any]:
+    hlt = SVM_HLT if isa == "svm" else VMX_HLT
+    le = last_exit(isa, hlt if reason is None else reason, rip, guest_mode=guest_mode)
+    if schema == "kvmcoredump/2":
+        del le["guest_mode"]
+    return dict(record(PID, [{"tid": 5000, "vcpu_id": 0, "exits": 9, "last_exit": le}]),
+                schema=schema)
+
+
+@pytest.mark.parametrize("isa", ["svm", "vmx"])
+def test_vcpu_in_l2_verifies_against_an_l2_exit(capsys: pytest.CaptureFixture[str],
+                                                tmp_path: Path, isa: str) -> None:
+    vendor = SVM if isa == "svm" else VMX
+    core = synthetic_core(tmp_path / "core", vendor, [nested(vendor)])
+    rc, out, _ = verify(capsys, tmp_path, core, l2_trace(isa, True))
+    assert (rc, mismatches(out)) == (0, [])
+    hlt = SVM_HLT if isa == "svm" else VMX_HLT
+    assert f"last exit {isa} 0x{hlt:x} from L2 at 0x2000, note RIP 0x2001" in out
+    # the same exit, but the trace saw it from L1: the note's guest mode is not borne out
+    bad = rejects(capsys, tmp_path, core, l2_trace(isa, False), "level")
+    assert "the note says guest mode (L2), the last kvm_exit was L1's" in bad[0]
+
+
+def test_vcpu_in_l1_fails_against_an_l2_exit(capsys: pytest.CaptureFixture[str],
+                                            tmp_path: Path) -> None:
+    core = synthetic_core(tmp_path / "core", SVM, [nested(SVM, guest_mode=False)])
+    assert verify(capsys, tmp_path, core, l2_trace("svm", False))[0] == 0
+    bad = rejects(capsys, tmp_path, core, l2_trace("svm", True), "level")
+    assert "the note says L1, the last kvm_exit was L2's" in bad[0]
+
+
+@pytest.mark.parametrize("isa,vmentry", [("svm", 0x80), ("vmx", 24)])   # VMRUN, VMRESUME
+def test_nested_run_pending_has_no_exit_to_compare(capsys: pytest.CaptureFixture[str],
+                                                   tmp_path: Path, isa: str,
+                                                   vmentry: int) -> None:
+    """L1's VM entry was emulated, L2 not entered yet: the last exit is L1's (its VMRUN /
+    VMRESUME, at an L1 RIP), the note's REGS are L2's and it has no exit record."""
+    vendor = SVM if isa == "svm" else VMX
+    core = synthetic_core(tmp_path / "core", vendor, [nested(vendor, run_pending=True)])
+    rc, out, _ = verify(capsys, tmp_path, core, l2_trace(isa, False, vmentry, 0x401D20))
+    assert (rc, mismatches(out)) == (0, [])
+    assert "nested_run_pending: no exit record, exit and RIP not compared" in out
+    bad = rejects(capsys, tmp_path, core, l2_trace(isa, True), "level")
+    assert "nested_run_pending (L2 not entered since L1's VM entry), but the last " \
+        "kvm_exit was L2's" in bad[0]
+
+
+def test_a_v2_trace_does_not_say_the_level(capsys: pytest.CaptureFixture[str],
+                                           tmp_path: Path) -> None:
+    """kvmcoredump/2 (before the nested work) has no guest_mode: the level rule is not
+    applied, the others are."""
+    core = synthetic_core(tmp_path / "core", SVM, [nested(SVM)])
+    rc, out, _ = verify(capsys, tmp_path, core, l2_trace("svm", False, schema="kvmcoredump/2"))
+    assert (rc, mismatches(out)) == (0, []) and "from L" not in out
+    rejects(capsys, tmp_path, core, l2_trace("svm", False, rip=0x2100,
+                                             schema="kvmcoredump/2"), "rip")

@@ -3,7 +3,7 @@
 The BPF programs themselves need a kernel with kvm:kvm_exit firing (the emulated L1 of
 tests/bpf); here the Python around them is tested: the filters that end up in the C text,
 that the kvm_exit hot path touches only per-CPU maps, and that build_record() turns per-CPU
-map contents into a kvmcoredump/2 record that `kvmnote verify` accepts for the example core
+map contents into a kvmcoredump/3 record that `kvmnote verify` accepts for the example core
 and rejects when events were lost or dropped. The map contents are written from what the
 example's VMM did (see test_verify.py's docstring): vCPU 0 on thread 49, vCPU 1 on thread
 51, each ending with SVM HLT (0x78) at guest RIP 0x1000, vCPU 0 after four NPFs.
@@ -61,7 +61,7 @@ def verify(tmp_path: Path, record: dict[str, Any],
 
 def test_record_from_per_cpu_maps(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rec = build()
-    assert (rec["schema"], rec["lost_events"], rec["map_full_drops"]) == ("kvmcoredump/2", 0, 0)
+    assert (rec["schema"], rec["lost_events"], rec["map_full_drops"]) == ("kvmcoredump/3", 0, 0)
     [p] = rec["processes"]
     assert (p["pid"], p["comm"], p["dumped"], p["dump_events"]) == (46, "vmm", True, 2)
     v0, v1 = p["vcpus"]
@@ -69,6 +69,7 @@ def test_record_from_per_cpu_maps(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert (v1["tid"], v1["vcpu_id"], v1["exits"]) == (51, 1, 1)
     assert v0["exit_counts"][0] == {"exit_reason": 0x400, "count": 4, "reason_name": "NPF"}
     assert v0["last_exit"]["exit_reason"] == 0x78 and v0["last_exit"]["ts"] == 250
+    assert not v0["last_exit"]["guest_mode"] and not v1["last_exit"]["guest_mode"]
     rc, out = verify(tmp_path, rec, capsys)
     assert rc == 0, out
 
@@ -81,6 +82,33 @@ def test_losses_reach_the_record_and_fail_verify(
     rc, out = verify(tmp_path, rec, capsys)
     assert rc == 1 and "MISMATCH trace: " in out
     assert any("this record is incomplete" in line for line in kd.summary(rec))
+
+
+@pytest.mark.parametrize("l2,guest_mode", [
+    ({"ts": 260, "guest_rip": 0x1000, "exit_reason": 0x78}, True),    # after the HLT exit
+    ({"ts": 250, "guest_rip": 0x1000, "exit_reason": 0x78}, True),    # the same instant
+    ({"ts": 240, "guest_rip": 0x1000, "exit_reason": 0x78}, False),   # an earlier exit's
+    ({"ts": 260, "guest_rip": 0x1003, "exit_reason": 0x78}, False),   # another RIP's
+    ({"ts": 260, "guest_rip": 0x1000, "exit_reason": 0x7B}, False),   # another reason's
+])
+def test_last_exit_is_l2s_when_kvm_nested_vmexit_reported_it(l2: dict[str, int],
+                                                             guest_mode: bool) -> None:
+    """kvm_nested_vmexit follows kvm_exit for each exit from a nested guest: the last exit
+    (vCPU 0's HLT at ts 250) is L2's only if the l2_exit map holds that very exit."""
+    rec = build(l2_exits={(46, 49, 0): l2})
+    v0, v1 = rec["processes"][0]["vcpus"]
+    assert (v0["last_exit"]["guest_mode"], v1["last_exit"]["guest_mode"]) == (guest_mode, False)
+    assert ("(L2)" in kd.summary(rec)[2]) == guest_mode
+
+
+def test_nested_vmexit_probe_records_the_exit(capsys: pytest.CaptureFixture[str]) -> None:
+    """Its filter is kvm_exit's, its map shared (the thread may change CPUs between the two
+    tracepoints), a failed update counted."""
+    text = kd.bpf_text(kd.parse_args(["-p", "181"]))
+    body = probe(text, "kvm_nested_vmexit")
+    assert "    if (tgid != 181)\n        return 0;" in body
+    assert re.search(r"BPF_HASH\(l2_exit, struct vkey_t, struct l2_exit_t,", text)
+    assert "l2_exit.update(&vkey, &x)" in body and "count_drop();" in body
 
 
 def test_vms_in_one_process_are_told_apart_by_thread() -> None:
