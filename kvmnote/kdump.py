@@ -340,15 +340,8 @@ def write_kdump(core_path: str, out_path: str, *, vm_index: int | None = None,
             out.append([ZERO_PAGE])
             result.missing = _copy(core, slots, out, dumped, scan, progress, compression,
                                    jobs)
-            if vmcoreinfo is not None:
-                result.vmcoreinfo = "given"
-            elif scan and scan.found:
-                vmcoreinfo = scan.found[1]
-                result.vmcoreinfo = f"guest RAM at {scan.found[0]:#x}"
-            else:
-                result.warnings.append("no VMCOREINFO note found in guest RAM (drgn needs "
-                                       "one: give it with --vmcoreinfo FILE); phys_base "
-                                       "written as 0")
+            vmcoreinfo = V.settle_vmcoreinfo(vmcoreinfo, scan, result, "guest RAM",
+                                             "; phys_base written as 0")
             info = V.clean_vmcoreinfo(vmcoreinfo) if vmcoreinfo is not None else None
             notes = cpu_notes
             if info is not None:

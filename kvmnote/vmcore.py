@@ -560,18 +560,8 @@ def write_vmcore(core_path: str, out_path: str, *, vm_index: int | None = None,
             os.ftruncate(fd, off)
             scan = VmcoreinfoScanner() if vmcoreinfo is None else None
             result.missing = _copy_ram(core, slots, offsets, _Writer(fd), scan, progress)
-            if vmcoreinfo is not None:
-                result.vmcoreinfo = "given"
-            elif scan and scan.found:
-                vmcoreinfo = scan.found[1]
-                result.vmcoreinfo = f"guest RAM at {scan.found[0]:#x}"
-            else:
-                result.warnings.append("no VMCOREINFO note found in guest RAM (drgn needs "
-                                       "one: give it with --vmcoreinfo FILE)")
-            notes = cpu_notes
-            if vmcoreinfo is not None:
-                notes += _note(S.VMCOREINFO_NOTE_NAME, 0, clean_vmcoreinfo(vmcoreinfo))
-            os.pwrite(fd, _headers(slots, offsets, notes_off, len(notes)) + notes, 0)
+            vmcoreinfo = settle_vmcoreinfo(vmcoreinfo, scan, result, "guest RAM")
+            _write_headers(fd, slots, offsets, notes_off, cpu_notes, vmcoreinfo)
             done = True
         except OSError as e:    # ENOSPC, EIO, EFBIG...
             raise KvmnoteError(f"{out_path}: cannot write: {e.strerror}") from None
@@ -746,18 +736,8 @@ def _write_l2_with(core: Core, vm: Vm, guests: list[Vcpu], paging: tuple[str, in
                 if progress:
                     progress(copied + pos + step, total)
             copied += n
-        if vmcoreinfo is not None:
-            result.vmcoreinfo = "given"
-        elif scan and scan.found:
-            vmcoreinfo = scan.found[1]
-            result.vmcoreinfo = f"guest RAM at {scan.found[0]:#x}"
-        else:
-            result.warnings.append("no VMCOREINFO note found in the nested guest's memory "
-                                   "(drgn needs one: give it with --vmcoreinfo FILE)")
-        notes = cpu_notes
-        if vmcoreinfo is not None:
-            notes += _note(S.VMCOREINFO_NOTE_NAME, 0, clean_vmcoreinfo(vmcoreinfo))
-        os.pwrite(fd, _headers(slots, offsets, notes_off, len(notes)) + notes, 0)
+        vmcoreinfo = settle_vmcoreinfo(vmcoreinfo, scan, result, "the nested guest's memory")
+        _write_headers(fd, slots, offsets, notes_off, cpu_notes, vmcoreinfo)
         done = True
     except OSError as e:
         raise KvmnoteError(f"{out_path}: cannot write: {e.strerror}") from None
@@ -766,6 +746,31 @@ def _write_l2_with(core: Core, vm: Vm, guests: list[Vcpu], paging: tuple[str, in
         if not done:
             os.unlink(out_path)
     return result
+
+
+def settle_vmcoreinfo(given: bytes | None, scan: VmcoreinfoScanner | None, result: Result,
+                      where: str, consequence: str = "") -> bytes | None:
+    """The VMCOREINFO to write: `given` (--vmcoreinfo), else the note the scan found in
+    guest memory, else None with a warning (`where` the scan looked; `consequence` what
+    the output lacks besides). Says which in `result`."""
+    if given is not None:
+        result.vmcoreinfo = "given"
+        return given
+    if scan and scan.found:
+        result.vmcoreinfo = f"guest RAM at {scan.found[0]:#x}"
+        return scan.found[1]
+    result.warnings.append(f"no VMCOREINFO note found in {where} (drgn needs one: give it "
+                           f"with --vmcoreinfo FILE){consequence}")
+    return None
+
+
+def _write_headers(fd: int, slots: list[tuple[int, int, int]], offsets: list[int],
+                   notes_off: int, cpu_notes: bytes, vmcoreinfo: bytes | None) -> None:
+    """The ELF and program headers, then the notes: the CPUs', then VMCOREINFO's."""
+    notes = cpu_notes
+    if vmcoreinfo is not None:
+        notes += _note(S.VMCOREINFO_NOTE_NAME, 0, clean_vmcoreinfo(vmcoreinfo))
+    os.pwrite(fd, _headers(slots, offsets, notes_off, len(notes)) + notes, 0)
 
 
 def _headers(slots: list[tuple[int, int, int]], offsets: list[int], notes_off: int,

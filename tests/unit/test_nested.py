@@ -12,19 +12,9 @@ import pytest
 
 import corebuilder as cb
 from kvmnote import schema as S
-from kvmnote.cli import main
+from test_cli import run
 
 VENDORS = {"vmx": S.KVM_CORE_VENDOR_VMX, "svm": S.KVM_CORE_VENDOR_SVM}
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    """main() on argv: (exit status, stdout, stderr)."""
-    try:
-        rc = main(list(argv))
-    except SystemExit as e:  # argparse usage errors
-        rc = int(e.code or 0)
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def nested_core(path: Path, vcpus: list[dict[str, Any]], vendor: int,
