@@ -45,7 +45,7 @@ boot, L1 ready after 8-15 s, SPIN_S, the core; kvmnote vmcore and drgn under 1 s
 needs what test_vmcore_qemu.py and test_systemd_coredump.py need too (the L1 kernel, the
 root filesystem, the guest kernel: 353 s to build with KVM, on the loaded machine).
 
-    CI=true .venv/bin/python -m pytest tests/acceptance/test_nested.py -s
+    CI=true .venv/bin/python -m pytest tests/acceptance/test_nested_qemu.py -s
 """
 
 from __future__ import annotations
