@@ -545,15 +545,8 @@ def write_vmcore(core_path: str, out_path: str, *, vm_index: int | None = None,
         result = Result([(c, v.vcpu_id) for c, v in cpus], [(g, s) for g, s, _ in slots])
         result.warnings += core.warnings + _smm_warnings(cpus)
         cpu_notes = l1_cpu_notes(core, vm, cpus, allow_partial, result)
-        info_room = len(_note(S.VMCOREINFO_NOTE_NAME, 0,
-                              vmcoreinfo if vmcoreinfo is not None else bytes(VMCOREINFO_MAX)))
-        phoff = S.size(S.Elf64_Ehdr)
-        notes_off = phoff + S.size(S.Elf64_Phdr) * (1 + len(slots))
-        data_off = S.align(notes_off + len(cpu_notes) + info_room, PAGE)
-        offsets, off = [], data_off
-        for _, size, _ in slots:
-            offsets.append(off)
-            off += size
+        notes_off, offsets, off = _layout([size for _, size, _ in slots], cpu_notes,
+                                          vmcoreinfo)
         fd = _open_output(out_path, core_path, force)
         done = False
         try:
@@ -691,14 +684,7 @@ def _write_l2_with(core: Core, vm: Vm, guests: list[Vcpu], paging: tuple[str, in
                         f"{len(segs)} ranges, mapped by L1's {kind.upper()} table at "
                         f"{root:#x} ({levels}-level)")
     cpu_notes = _cpu_notes(cpus, allow_partial, result, level=2)
-    info_room = len(_note(S.VMCOREINFO_NOTE_NAME, 0,
-                          vmcoreinfo if vmcoreinfo is not None else bytes(VMCOREINFO_MAX)))
-    notes_off = S.size(S.Elf64_Ehdr) + S.size(S.Elf64_Phdr) * (1 + len(slots))
-    off = S.align(notes_off + len(cpu_notes) + info_room, PAGE)
-    offsets = []
-    for _, n in segs:
-        offsets.append(off)
-        off += n
+    notes_off, offsets, off = _layout([n for _, n in segs], cpu_notes, vmcoreinfo)
     seg_starts = [g for g, _ in segs]
     fd = _open_output(out_path, core_path, force)
     done = False
@@ -746,6 +732,22 @@ def _write_l2_with(core: Core, vm: Vm, guests: list[Vcpu], paging: tuple[str, in
         if not done:
             os.unlink(out_path)
     return result
+
+
+def _layout(sizes: list[int], cpu_notes: bytes,
+            vmcoreinfo: bytes | None) -> tuple[int, list[int], int]:
+    """(notes offset, data offset of each PT_LOAD of `sizes`, file size) of an ELF vmcore:
+    headers, the notes with room for a VMCOREINFO (the given one, or the largest that a
+    scan of guest memory may find), then the data from a page boundary."""
+    info_room = len(_note(S.VMCOREINFO_NOTE_NAME, 0,
+                          vmcoreinfo if vmcoreinfo is not None else bytes(VMCOREINFO_MAX)))
+    notes_off = S.size(S.Elf64_Ehdr) + S.size(S.Elf64_Phdr) * (1 + len(sizes))
+    off = S.align(notes_off + len(cpu_notes) + info_room, PAGE)
+    offsets = []
+    for n in sizes:
+        offsets.append(off)
+        off += n
+    return notes_off, offsets, off
 
 
 def settle_vmcoreinfo(given: bytes | None, scan: VmcoreinfoScanner | None, result: Result,
